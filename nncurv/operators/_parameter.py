@@ -1,0 +1,235 @@
+"""Shared machinery of operators over a model's parameters (Hessian, GGN, ...).
+
+An operator over parameters sums, over the batches of a :class:`~nncurv.problem.CurvatureProblem`,
+a per-batch product computed by a *prepared* object (:class:`BatchProduct`), then all-reduces
+across ranks when the problem is distributed. Modes differ only in how a batch is prepared.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nncurv.operators.base import LinearOperator
+from nncurv.problem import Batch, CurvatureProblem
+
+__all__ = ["ParameterOperator", "BatchProduct", "grad_products", "pullback_of"]
+
+Params = dict[str, Tensor]
+_WARNED: set[tuple[object, ...]] = set()  # one warning per operator type, model type and failure
+
+
+class BatchProduct:
+    """Products of one batch's curvature block with parameter-shaped tangents.
+
+    ``mv`` takes and returns dicts of parameter-shaped tensors; ``mm`` the same with a leading
+    column dimension ``k``.
+    """
+
+    def mv(self, v: Params) -> Params:
+        raise NotImplementedError
+
+    def mm(self, V: Params) -> Params:
+        k = next(iter(V.values())).shape[0]
+        cols = [self.mv({n: t[j] for n, t in V.items()}) for j in range(k)]
+        return {n: torch.stack([c[n] for c in cols]) for n in V}
+
+
+def pullback_of(fn: Callable[[Any], Any], primal: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """``torch.func.vjp`` returning ``(output, pullback)`` with the pullback's tuple unwrapped."""
+    out, pull = torch.func.vjp(fn, primal)[:2]
+    return out, lambda cotangent: pull(cotangent)[0]
+
+
+def grad_products(
+    outputs: list[Tensor], inputs: list[Tensor], cotangents: list[Tensor], *, batched: bool
+) -> list[Tensor]:
+    """``autograd.grad`` over a retained graph, tolerant of unused inputs and constant outputs.
+
+    Outputs that do not require grad contribute zero; inputs that are not reached get zeros.
+    """
+    pairs = [(o, c) for o, c in zip(outputs, cotangents) if o.requires_grad]
+    if not pairs:
+        lead = (cotangents[0].shape[0],) if batched else ()
+        return [torch.zeros(*lead, *x.shape, dtype=x.dtype, device=x.device) for x in inputs]
+    outs, cots = zip(*pairs)
+    grads = torch.autograd.grad(
+        list(outs),
+        inputs,
+        grad_outputs=list(cots),
+        retain_graph=True,
+        allow_unused=True,
+        materialize_grads=True,
+        is_grads_batched=batched,
+    )
+    return list(grads)
+
+
+class ParameterOperator(LinearOperator):
+    """Base class of curvature operators over the selected parameters of a problem.
+
+    Subclasses define :attr:`modes` (preferred order for ``"auto"``), :attr:`cached_mode` and
+    :meth:`_prepare`. The operator is defined at the parameters the problem read at construction;
+    in the cached mode the first-order graphs are kept (one per batch) until :meth:`release` or
+    until the operator is dropped.
+    """
+
+    modes: tuple[str, ...] = ()
+    cached_mode = "cached"
+
+    def __init__(
+        self,
+        problem: CurvatureProblem,
+        *,
+        mode: str = "auto",
+        chunk_size: int | None = 16,
+        max_cached_batches: int = 8,
+    ) -> None:
+        if not isinstance(problem, CurvatureProblem):
+            raise TypeError(f"problem must be a CurvatureProblem, got {type(problem).__name__}")
+        if mode != "auto" and mode not in self.modes:
+            raise ValueError(f"mode must be 'auto' or one of {self.modes}, got {mode!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive integer or None, got {chunk_size!r}")
+        if not isinstance(max_cached_batches, int) or max_cached_batches < 0:
+            raise ValueError(f"max_cached_batches must be >= 0, got {max_cached_batches!r}")
+        super().__init__(problem.num_params, dtype=problem.dtype, device=problem.device)
+        self.problem = problem
+        self.matmat_chunk_size = chunk_size
+        self.max_cached_batches = max_cached_batches
+        self._cache: dict[int, BatchProduct] = {}
+        self.mode_errors: dict[str, str] = {}
+        self.mode = self._choose_mode() if mode == "auto" else mode
+
+    # ------------------------------------------------------------------ vectors
+    @property
+    def param_names(self) -> list[str]:
+        """Names of the parameters, in the order of the flat vectors."""
+        return self.problem.param_names
+
+    def flatten(self, tensors: Mapping[str, Tensor | None]) -> Tensor:
+        """Concatenate a dict of parameter-shaped tensors into a flat vector."""
+        return self.problem.flatten(tensors)
+
+    def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
+        """Split a flat vector into a dict of parameter-shaped tensors."""
+        return self.problem.unflatten(vector)
+
+    def _split_columns(self, V: Tensor) -> Params:
+        k = V.shape[1]
+        Vt = V.T
+        out: Params = {}
+        offset = 0
+        for n in self.problem.param_names:
+            shape = self.problem.shapes[n]
+            size = shape.numel()
+            out[n] = Vt[:, offset : offset + size].reshape(k, *shape)
+            offset += size
+        return out
+
+    def _join_columns(self, parts: Params, k: int) -> Tensor:
+        return torch.cat([parts[n].reshape(k, -1) for n in self.problem.param_names], dim=1).T
+
+    # ------------------------------------------------------------------ products
+    def _prepare(self, batch: Batch, mode: str) -> BatchProduct:
+        raise NotImplementedError
+
+    def _for_each_batch(self, fn: Callable[[BatchProduct], Tensor], init: Tensor) -> Tensor:
+        out = init
+        cached = self.mode == self.cached_mode
+        if cached and len(self._cache) == self.problem.num_batches and self._cache:
+            for prod in self._cache.values():
+                out = out + fn(prod)
+        else:
+            with self.problem.evaluating():
+                for batch in self.problem.batches():
+                    if cached:
+                        if batch.index not in self._cache:
+                            self._cache[batch.index] = self._prepare(batch, self.mode)
+                        prod = self._cache[batch.index]
+                    else:
+                        prod = self._prepare(batch, self.mode)
+                    out = out + fn(prod)
+        return self.problem.all_reduce(out)
+
+    def _matvec(self, v: Tensor) -> Tensor:
+        vd = self.unflatten(v)
+        zero = torch.zeros_like(v)
+        return self._for_each_batch(lambda p: self.flatten(p.mv(vd)), zero)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        k = V.shape[1]
+        Vd = self._split_columns(V)
+        zero = torch.zeros_like(V)
+        return self._for_each_batch(lambda p: self._join_columns(p.mm(Vd), k), zero)
+
+    def release(self) -> None:
+        """Free the graphs kept by the cached mode (they are rebuilt on the next product)."""
+        self._cache.clear()
+
+    # ------------------------------------------------------------------ auto mode
+    def _choose_mode(self) -> str:
+        """Probe each mode once on the first batch; keep the fastest that works."""
+        candidates = [
+            m
+            for m in self.modes
+            if m != self.cached_mode or self.problem.num_batches <= self.max_cached_batches
+        ]
+        gen = self.new_generator(12345)
+        v = torch.randn(self.shape[0], generator=gen, dtype=self.dtype, device=self.device)
+        vd = self.unflatten(v)
+        timings: dict[str, float] = {}
+        with self.problem.evaluating():
+            it = self.problem.batches()
+            batch = next(it)
+            it.close()
+            for m in candidates:
+                try:
+                    if m == self.cached_mode:
+                        prod = self._prepare(batch, m)
+                        self._sync()
+                        t0 = time.perf_counter()
+                        prod.mv(vd)
+                    else:
+                        self._sync()
+                        t0 = time.perf_counter()
+                        self._prepare(batch, m).mv(vd)
+                    self._sync()
+                    timings[m] = time.perf_counter() - t0
+                    if m == self.cached_mode:
+                        self._cache[batch.index] = prod
+                except Exception as err:  # a mode the model does not support
+                    self.mode_errors[m] = f"{type(err).__name__}: {err}"
+        if not timings:
+            raise RuntimeError(
+                f"{type(self).__name__}: no product mode works for this model: {self.mode_errors}"
+            )
+        chosen = min(timings, key=timings.__getitem__)
+        key = (type(self).__name__, type(self.problem.model).__name__, tuple(self.mode_errors))
+        if self.mode_errors and key not in _WARNED:
+            _WARNED.add(key)
+            failed = "; ".join(
+                f"{m} ({e.splitlines()[0][:160]})" for m, e in self.mode_errors.items()
+            )
+            warnings.warn(
+                f"{type(self).__name__}: mode(s) unavailable for this model: {failed}; "
+                f"using {chosen!r}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        if chosen != self.cached_mode:
+            self._cache.clear()
+        return chosen
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __repr__(self) -> str:
+        name = type(self).__name__
+        return f"{name}(n={self.shape[0]}, mode={self.mode!r}, problem={self.problem!r})"

@@ -1,0 +1,170 @@
+r"""The Hessian of the data-set loss with respect to the selected parameters."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from torch.func import grad, jvp, vmap
+
+from nncurv.operators._parameter import (
+    BatchProduct,
+    ParameterOperator,
+    Params,
+    grad_products,
+    pullback_of,
+)
+from nncurv.problem import Batch, CurvatureProblem
+
+__all__ = ["HessianOperator", "HessianMode"]
+
+HessianMode = Literal["auto", "cached", "forward-over-reverse", "reverse-over-reverse"]
+
+
+class _ForwardOverReverse(BatchProduct):
+    """``jvp(grad(f))``: no graph kept between products; one forward+backward per product."""
+
+    def __init__(self, problem: CurvatureProblem, batch: Batch) -> None:
+        self.params = problem.params
+        self.grad_fn = grad(lambda p: problem.batch_loss(p, batch))
+
+    def mv(self, v: Params) -> Params:
+        return jvp(self.grad_fn, (self.params,), (v,))[1]
+
+    def mm(self, V: Params) -> Params:
+        return vmap(self.mv, randomness="same")(V)
+
+
+class _ReverseOverReverse(BatchProduct):
+    """``vjp(grad(f))``: the gradient graph is built once per prepare, then pulled back."""
+
+    def __init__(self, problem: CurvatureProblem, batch: Batch) -> None:
+        _, self.pullback = pullback_of(grad(lambda p: problem.batch_loss(p, batch)), problem.params)
+
+    def mv(self, v: Params) -> Params:
+        return self.pullback(v)
+
+    def mm(self, V: Params) -> Params:
+        return vmap(self.mv, randomness="same")(V)
+
+
+class _Cached(BatchProduct):
+    """Double backward over a retained first-order graph (PyHessian's recipe).
+
+    The gradient graph is built once (``create_graph=True``); each product is one further
+    backward pass through it.
+    """
+
+    def __init__(self, problem: CurvatureProblem, batch: Batch) -> None:
+        self.names = problem.param_names
+        self.leaves = [problem.params[n].detach().requires_grad_(True) for n in self.names]
+        loss = problem.batch_loss(dict(zip(self.names, self.leaves)), batch)
+        self.grads = list(
+            torch.autograd.grad(
+                loss, self.leaves, create_graph=True, allow_unused=True, materialize_grads=True
+            )
+        )
+
+    def mv(self, v: Params) -> Params:
+        out = grad_products(self.grads, self.leaves, [v[n] for n in self.names], batched=False)
+        return dict(zip(self.names, out))
+
+    def mm(self, V: Params) -> Params:
+        try:
+            out = grad_products(self.grads, self.leaves, [V[n] for n in self.names], batched=True)
+        except RuntimeError:  # an op without a batching rule in its backward: loop instead
+            return super().mm(V)
+        return dict(zip(self.names, out))
+
+
+_MODES: dict[str, Any] = {
+    "cached": _Cached,
+    "forward-over-reverse": _ForwardOverReverse,
+    "reverse-over-reverse": _ReverseOverReverse,
+}
+
+
+class HessianOperator(ParameterOperator):
+    r"""Hessian of the data-set loss with respect to the selected parameters.
+
+    .. math::
+
+        H = \nabla^2_\theta \mathcal{L}(\theta), \qquad
+        \mathcal{L}(\theta) = \sum_b w_b\, \ell_b(\theta),
+
+    with batch weights :math:`w_b = n_b/N` for mean-reduced losses and :math:`1` for summed ones
+    (see :class:`~nncurv.problem.CurvatureProblem`). Products are Hessian-vector products; the
+    dense matrix is formed only by :meth:`to_dense`.
+
+    Modes:
+        * ``"forward-over-reverse"``: ``jvp`` of ``grad`` (no graph kept between products);
+        * ``"reverse-over-reverse"``: ``vjp`` of ``grad``;
+        * ``"cached"``: the first-order graph is built once per batch and every product is one
+          further backward pass (fastest for iterative algorithms; memory of one
+          forward/backward graph per batch, released by :meth:`release` or with the operator);
+        * ``"auto"`` (default): each mode is probed once on the first batch and the fastest that
+          works is kept (cached only for at most ``max_cached_batches`` batches); modes that fail
+          for the model (e.g. forward-mode AD missing for an op) are reported in one warning and
+          in :attr:`mode_errors`.
+
+    Args:
+        problem: The model, loss and data (or pass them to :func:`nncurv.hessian`).
+        mode: One of the modes above.
+        chunk_size: Columns per vectorised batch in :meth:`matmat` (bounds memory).
+        max_cached_batches: Largest number of batches for which ``"auto"`` may pick ``"cached"``.
+
+    Example:
+        Linear regression with mean squared error has :math:`H = 2 X^\top X / N` for the weights.
+
+        >>> import torch
+        >>> from nncurv import CurvatureProblem
+        >>> X = torch.randn(20, 3, dtype=torch.float64)
+        >>> y = torch.randn(20, 1, dtype=torch.float64)
+        >>> model = torch.nn.Linear(3, 1, bias=False).double()
+        >>> H = HessianOperator(CurvatureProblem(model, torch.nn.MSELoss(), (X, y)))
+        >>> torch.allclose(H.to_dense(), 2 * X.T @ X / 20)
+        True
+    """
+
+    modes = ("cached", "forward-over-reverse", "reverse-over-reverse")
+
+    def __init__(
+        self,
+        problem: CurvatureProblem,
+        *,
+        mode: HessianMode = "auto",
+        chunk_size: int | None = 16,
+        max_cached_batches: int = 8,
+    ) -> None:
+        super().__init__(
+            problem, mode=mode, chunk_size=chunk_size, max_cached_batches=max_cached_batches
+        )
+
+    def _prepare(self, batch: Batch, mode: str) -> BatchProduct:
+        return _MODES[mode](self.problem, batch)
+
+
+def hessian(
+    model: torch.nn.Module,
+    loss_fn: Any,
+    data: Any,
+    *,
+    mode: HessianMode = "auto",
+    chunk_size: int | None = 16,
+    **problem_kwargs: Any,
+) -> HessianOperator:
+    """Build a :class:`HessianOperator` from a model, a loss and data.
+
+    Keyword arguments other than ``mode`` and ``chunk_size`` go to
+    :class:`~nncurv.problem.CurvatureProblem` (``reduction``, ``params``, ``batchnorm``, ...).
+
+    Example:
+        >>> import torch
+        >>> X, y = torch.randn(10, 2), torch.randn(10, 1)
+        >>> H = hessian(torch.nn.Linear(2, 1), torch.nn.MSELoss(), (X, y))
+        >>> H.shape
+        (3, 3)
+    """
+    return HessianOperator(
+        CurvatureProblem(model, loss_fn, data, **problem_kwargs), mode=mode, chunk_size=chunk_size
+    )
