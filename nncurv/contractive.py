@@ -1,0 +1,387 @@
+r"""Contractive auto-encoder penalties, usable as training-loss terms.
+
+The contractive auto-encoder (CAE; Rifai, Vincent, Muller, Glorot & Bengio, "Contractive
+Auto-Encoders: Explicit Invariance During Feature Extraction", ICML 2011) adds to the
+reconstruction loss the squared Frobenius norm of the **encoder's** Jacobian,
+
+.. math::
+    \mathcal{J}_{\mathrm{CAE}} = \sum_x L(x, g(f(x))) + \lambda \|J_f(x)\|_F^2,
+    \qquad \|J_f(x)\|_F^2 = \sum_{ij} \left(\frac{\partial h_j}{\partial x_i}\right)^2,
+
+and CAE+H (Rifai, Mesnil, Vincent, Muller, Bengio, Dauphin & Glorot, "Higher Order Contractive
+Auto-Encoder", ECML-PKDD 2011) further penalises
+:math:`\mathbb{E}_{\varepsilon \sim N(0, \sigma^2 I)} \|J_f(x) - J_f(x + \varepsilon)\|_F^2`,
+a stochastic penalty on the encoder's Hessian.
+
+Penalties are differentiable with respect to the encoder's parameters; a graph is built only when
+gradients are enabled and a parameter requires them. The encoder runs with BatchNorm in eval mode
+and dropout off; its flags, buffers and the global RNG are left untouched.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from nncurv._jacobian_core import check_input, new_generator, per_sample_jacobian
+from nncurv._jacobian_norms import Distribution, ProbeSide, choose_side, draw_probes
+from nncurv.jacobians import frobenius_from_operator
+
+__all__ = [
+    "ContractiveMethod",
+    "Reduction",
+    "contractive_penalty",
+    "higher_order_penalty",
+    "sigmoid_closed_form",
+    "ContractiveLoss",
+]
+
+ContractiveMethod = Literal["auto", "closed_form", "exact", "hutchinson", "hutch++"]
+Reduction = Literal["mean", "sum", "none"]
+
+_EXACT_MAX_DIM = 256  # "auto" is exact while min(d_in, d_out) <= this
+
+
+def _reduce(value: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return value.mean()
+    if reduction == "sum":
+        return value.sum()
+    return value
+
+
+def _check_common(reduction: str, num_probes: int) -> None:
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not isinstance(num_probes, int) or isinstance(num_probes, bool) or num_probes < 1:
+        raise ValueError(f"num_probes must be a positive integer, got {num_probes!r}")
+
+
+def _sigmoid_linear(encoder: nn.Module) -> tuple[nn.Linear | None, str]:
+    """Return the Linear layer of a ``Sequential([Flatten,] Linear, Sigmoid)`` and a description."""
+    if not isinstance(encoder, nn.Sequential):
+        return None, f"{type(encoder).__name__} (not an nn.Sequential)"
+    layers = [m for m in encoder if not isinstance(m, (nn.Identity, nn.Flatten))]
+    flat = [m for m in encoder if isinstance(m, nn.Flatten)]
+    desc = "Sequential(" + ", ".join(type(m).__name__ for m in encoder) + ")"
+    ok_flatten = all(f.start_dim == 1 and f.end_dim == -1 for f in flat) and len(flat) <= 1
+    if (
+        len(layers) == 2
+        and isinstance(layers[0], nn.Linear)
+        and isinstance(layers[1], nn.Sigmoid)
+        and ok_flatten
+        and (not flat or encoder[0] is flat[0])
+    ):
+        return layers[0], desc
+    return None, desc
+
+
+def _closed_form_applies(encoder: nn.Module, x: Tensor) -> bool:
+    lin, _ = _sigmoid_linear(encoder)
+    if lin is None or not isinstance(x, Tensor):
+        return False
+    return x.ndim == 2 or isinstance(encoder[0], nn.Flatten)  # type: ignore[index]
+
+
+def sigmoid_closed_form(encoder: nn.Module, x: Tensor) -> Tensor:
+    r"""Per-sample CAE penalty of a sigmoid encoder in closed form, shape ``(B,)``.
+
+    For :math:`h = \mathrm{sigmoid}(W x + b)`, :math:`\partial h_j / \partial x_i = h_j (1 - h_j)
+    W_{ji}`, hence (Rifai et al., ICML 2011, eq. 5)
+
+    .. math::
+        \|J_f(x)\|_F^2 = \sum_j \big(h_j (1 - h_j)\big)^2 \sum_i W_{ji}^2 .
+
+    Costs one extra ``Linear`` forward; the weights' gradient flows through both factors.
+
+    Args:
+        encoder: ``nn.Sequential(nn.Linear, nn.Sigmoid)``, optionally led by ``nn.Flatten()``.
+        x: Batch of inputs.
+
+    Raises:
+        ValueError: If the encoder has any other form (the formula holds for sigmoid only).
+
+    Example:
+        >>> import torch
+        >>> enc = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Sigmoid())
+        >>> with torch.no_grad():
+        ...     _ = enc[0].weight.fill_(1.0), enc[0].bias.zero_()
+        >>> sigmoid_closed_form(enc, torch.zeros(1, 3))  # (1/4)^2 * 3 per unit, 2 units
+        tensor([0.3750], grad_fn=<MvBackward0>)
+    """
+    x = check_input(x)
+    lin, desc = _sigmoid_linear(encoder)
+    if lin is None:
+        raise ValueError(
+            f"method='closed_form' needs an encoder nn.Sequential([nn.Flatten(),] nn.Linear, "
+            f"nn.Sigmoid()), got {desc}: the formula sum_j (h_j (1 - h_j))^2 ||W_j||^2 holds for "
+            f"sigmoid units only; use method='exact' or 'hutchinson'"
+        )
+    has_flatten = isinstance(encoder[0], nn.Flatten)  # type: ignore[index]
+    if x.ndim != 2 and not has_flatten:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)}; the closed form needs (B, d) inputs or an encoder "
+            "that starts with nn.Flatten()"
+        )
+    x2 = x.reshape(x.shape[0], -1)
+    if x2.shape[1] != lin.in_features:
+        raise ValueError(
+            f"x has {x2.shape[1]} features per sample but the encoder's Linear expects "
+            f"{lin.in_features}"
+        )
+    h = torch.sigmoid(nn.functional.linear(x2, lin.weight, lin.bias))
+    row_norms = lin.weight.square().sum(dim=1)  # sum_i W_ji^2: square first, then sum
+    return (h * (1 - h)).square() @ row_norms
+
+
+def contractive_penalty(
+    encoder: nn.Module,
+    x: Tensor,
+    *,
+    method: ContractiveMethod = "auto",
+    num_probes: int = 1,
+    side: ProbeSide = "auto",
+    distribution: Distribution = "rademacher",
+    reduction: Reduction = "mean",
+    generator: torch.Generator | None = None,
+    seed: int = 0,
+) -> Tensor:
+    r"""The CAE penalty :math:`\|J_f(x)\|_F^2` of an encoder, reduced over the batch.
+
+    .. math::
+        P = \frac{1}{B} \sum_{b=1}^{B} \|J_f(x_b)\|_F^2 \quad (\text{reduction="mean"})
+
+    Methods: ``"closed_form"`` (:func:`sigmoid_closed_form`; refused for anything but a
+    Linear + sigmoid encoder), ``"exact"`` (dense per-sample Jacobian, any encoder),
+    ``"hutchinson"`` (``num_probes`` random probes on the smaller side of :math:`J`; unbiased for
+    the penalty and its gradient), ``"hutch++"`` (variance-reduced, ``num_probes >= 3``
+    products) and ``"auto"`` (closed form when it applies, else exact while
+    ``min(d_in, d_out) <= 256``, else Hutchinson).
+
+    Args:
+        encoder: The encoder :math:`f` (the penalty is on the encoder only, not on the
+            auto-encoder).
+        x: Batch of inputs, batch dimension first.
+        method: See above.
+        num_probes: Probes per sample for the stochastic methods.
+        side: Probe side for the stochastic methods: ``"auto"``, ``"input"`` or ``"output"``.
+        distribution: ``"rademacher"`` or ``"gaussian"`` (Hutchinson).
+        reduction: ``"mean"`` (default), ``"sum"`` or ``"none"`` (per-sample ``(B,)``).
+        generator: Probe source; default: a fresh generator seeded with ``seed``, i.e. the same
+            probes at every call. Pass a generator that advances (or use
+            :class:`ContractiveLoss`) when training.
+        seed: Seed of the default generator.
+
+    Returns:
+        The reduced penalty, differentiable with respect to the encoder's parameters.
+
+    Example:
+        >>> import torch
+        >>> enc = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Sigmoid()).double()
+        >>> x = torch.randn(8, 4, dtype=torch.float64)
+        >>> closed = contractive_penalty(enc, x, method="closed_form")
+        >>> exact = contractive_penalty(enc, x, method="exact")
+        >>> torch.allclose(closed, exact, rtol=1e-12)
+        True
+    """
+    if method not in ("auto", "closed_form", "exact", "hutchinson", "hutch++"):
+        raise ValueError(
+            "method must be 'auto', 'closed_form', 'exact', 'hutchinson' or 'hutch++', "
+            f"got {method!r}"
+        )
+    _check_common(reduction, num_probes)
+    if method == "closed_form" or (method == "auto" and _closed_form_applies(encoder, x)):
+        return _reduce(sigmoid_closed_form(encoder, x), reduction)
+    with per_sample_jacobian(encoder, x) as op:
+        if method == "auto":
+            method = "exact" if min(op.in_dim, op.out_dim) <= _EXACT_MAX_DIM else "hutchinson"
+        res = frobenius_from_operator(
+            op,
+            method=method,  # type: ignore[arg-type]
+            num_probes=num_probes,
+            side=side,
+            distribution=distribution,
+            generator=generator,
+            seed=seed,
+        )
+        return _reduce(res.value, reduction)
+
+
+def higher_order_penalty(
+    encoder: nn.Module,
+    x: Tensor,
+    *,
+    sigma: float = 0.1,
+    num_corruptions: int = 4,
+    method: Literal["exact", "hutchinson"] = "exact",
+    num_probes: int = 1,
+    side: ProbeSide = "auto",
+    reduction: Reduction = "mean",
+    generator: torch.Generator | None = None,
+    seed: int = 0,
+) -> Tensor:
+    r"""The CAE+H term :math:`\mathbb{E}_\varepsilon \|J_f(x) - J_f(x+\varepsilon)\|_F^2`.
+
+    Averaged over ``num_corruptions`` Gaussian corruptions :math:`\varepsilon \sim N(0,
+    \sigma^2 I)` per sample (Rifai et al., ECML-PKDD 2011). As :math:`\sigma \to 0` it behaves
+    like :math:`\sigma^2 \|\nabla^2 f(x)\|_F^2`, a penalty on the encoder's curvature.
+    ``"exact"`` builds the ``num_corruptions + 1`` Jacobians per sample; ``"hutchinson"`` uses
+    :math:`\mathbb{E}_v \|(J_f(x) - J_f(x+\varepsilon)) v\|^2` with the same probe :math:`v` at
+    both points (two products per probe and corruption), unbiased for value and gradient.
+
+    Args:
+        encoder: The encoder.
+        x: Batch of inputs.
+        sigma: Standard deviation of the corruption noise.
+        num_corruptions: Corrupted copies per sample.
+        method: ``"exact"`` or ``"hutchinson"``.
+        num_probes: Probes per sample and corruption (Hutchinson).
+        side: Probe side (Hutchinson): ``"auto"``, ``"input"`` or ``"output"``.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        generator: Source of corruptions and probes; default: seeded with ``seed``.
+        seed: Seed of the default generator.
+
+    Returns:
+        The reduced penalty, differentiable with respect to the encoder's parameters.
+
+    Example:
+        >>> import torch
+        >>> lin = torch.nn.Linear(4, 3)  # an affine encoder has a constant Jacobian
+        >>> float(higher_order_penalty(lin, torch.randn(5, 4)))
+        0.0
+    """
+    if method not in ("exact", "hutchinson"):
+        raise ValueError(f"method must be 'exact' or 'hutchinson', got {method!r}")
+    _check_common(reduction, num_probes)
+    if not isinstance(num_corruptions, int) or num_corruptions < 1:
+        raise ValueError(f"num_corruptions must be a positive integer, got {num_corruptions!r}")
+    if not sigma > 0:
+        raise ValueError(f"sigma must be positive, got {sigma!r}")
+    x = check_input(x)
+    gen = new_generator(x.device, generator, seed)
+    B, c = x.shape[0], num_corruptions
+    noise = torch.randn((c, *x.shape), generator=gen, device=x.device, dtype=x.dtype)
+    xs = torch.cat([x.detach().unsqueeze(0), x.detach() + sigma * noise]).reshape(-1, *x.shape[1:])
+    with per_sample_jacobian(encoder, xs) as op:
+        if method == "exact":
+            J = op.dense().reshape(c + 1, B, op.out_dim, op.in_dim)
+            diff = J[1:] - J[:1]
+            value = diff.square().sum(dim=(2, 3)).mean(dim=0)
+        else:
+            probe_side = choose_side(op, side)
+            n = op.in_dim if probe_side == "input" else op.out_dim
+            V = draw_probes(
+                (B, n, num_probes),
+                distribution="rademacher",
+                dtype=op.dtype,
+                device=op.device,
+                generator=gen,
+            )
+            Vs = V.unsqueeze(0).expand(c + 1, -1, -1, -1).reshape((c + 1) * B, n, num_probes)
+            prod = op.matmat(Vs) if probe_side == "input" else op.rmatmat(Vs)
+            prod = prod.reshape(c + 1, B, -1, num_probes)
+            value = (prod[1:] - prod[:1]).square().sum(dim=2).mean(dim=(0, 2))
+        return _reduce(value, reduction)
+
+
+class ContractiveLoss(nn.Module):
+    r"""CAE (and optionally CAE+H) penalty as a loss module: ``loss = recon + crit(encoder, x)``.
+
+    .. math::
+        \lambda \, \frac{1}{B}\sum_b \|J_f(x_b)\|_F^2
+        + \gamma \, \frac{1}{B}\sum_b \mathbb{E}_\varepsilon \|J_f(x_b) - J_f(x_b+\varepsilon)\|_F^2
+
+    Holds its own ``torch.Generator`` (seeded with ``seed``, created on the inputs' device at the
+    first call) so that stochastic probes and corruptions differ from step to step while the
+    global RNG is never touched.
+
+    Args:
+        weight: :math:`\lambda`.
+        method: See :func:`contractive_penalty`.
+        num_probes: Probes for the stochastic methods.
+        higher_order_weight: :math:`\gamma` (0 disables the CAE+H term).
+        sigma: Corruption scale of the CAE+H term.
+        num_corruptions: Corruptions of the CAE+H term.
+        reduction: ``"mean"`` or ``"sum"``.
+        seed: Seed of the module's generator.
+
+    Example:
+        >>> import torch
+        >>> enc = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Sigmoid())
+        >>> crit = ContractiveLoss(weight=0.5)
+        >>> x = torch.randn(8, 4)
+        >>> torch.allclose(crit(enc, x), 0.5 * contractive_penalty(enc, x, method="exact"))
+        True
+    """
+
+    def __init__(
+        self,
+        weight: float = 1.0,
+        *,
+        method: ContractiveMethod = "auto",
+        num_probes: int = 1,
+        higher_order_weight: float = 0.0,
+        sigma: float = 0.1,
+        num_corruptions: int = 4,
+        reduction: Literal["mean", "sum"] = "mean",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if not weight >= 0 or not higher_order_weight >= 0:
+            raise ValueError(
+                f"weights must be non-negative, got weight={weight!r}, "
+                f"higher_order_weight={higher_order_weight!r}"
+            )
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        if method not in ("auto", "closed_form", "exact", "hutchinson", "hutch++"):
+            raise ValueError(f"unknown method {method!r}")
+        _check_common(reduction, num_probes)
+        self.weight = float(weight)
+        self.method: ContractiveMethod = method
+        self.num_probes = num_probes
+        self.higher_order_weight = float(higher_order_weight)
+        self.sigma = sigma
+        self.num_corruptions = num_corruptions
+        self.reduction: Reduction = reduction
+        self.seed = seed
+        self._generator: torch.Generator | None = None
+
+    def _gen(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device.type != device.type:
+            self._generator = new_generator(device, None, self.seed)
+        return self._generator
+
+    def forward(self, encoder: nn.Module, x: Tensor) -> Tensor:
+        """Return the weighted penalty of ``encoder`` on the batch ``x``."""
+        x = check_input(x)
+        gen = self._gen(x.device)
+        loss = self.weight * contractive_penalty(
+            encoder,
+            x,
+            method=self.method,
+            num_probes=self.num_probes,
+            reduction=self.reduction,
+            generator=gen,
+        )
+        if self.higher_order_weight > 0:
+            loss = loss + self.higher_order_weight * higher_order_penalty(
+                encoder,
+                x,
+                sigma=self.sigma,
+                num_corruptions=self.num_corruptions,
+                method="hutchinson" if self.method in ("hutchinson", "hutch++") else "exact",
+                num_probes=self.num_probes,
+                reduction=self.reduction,
+                generator=gen,
+            )
+        return loss
+
+    def extra_repr(self) -> str:
+        """Summarise the configuration."""
+        return (
+            f"weight={self.weight}, method={self.method!r}, num_probes={self.num_probes}, "
+            f"higher_order_weight={self.higher_order_weight}, reduction={self.reduction!r}"
+        )
