@@ -1,0 +1,223 @@
+r"""Thick-restart (Krylov–Schur) block Lanczos with full reorthogonalisation.
+
+One routine serves Lanczos (block size 1) and block Lanczos (block size ``b`` using ``matmat``).
+It keeps an orthonormal basis :math:`V_m` and the projection :math:`H_m = V_m^\top A V_m` built
+column by column from the products it computes, so that
+
+.. math::
+    A V_m = V_m H_m + V_{+} C,
+
+where :math:`V_{+}` is the next block and :math:`C` its coupling. The residual of a Ritz pair
+:math:`(\theta, V_m s)` is then :math:`\lVert C s\rVert` with no extra product. When the basis is
+full, the wanted Ritz vectors plus some extra ones are kept (a thick restart, Wu & Simon 2000;
+Stewart's Krylov–Schur 2001) and the recurrence continues from the next block.
+
+The Arnoldi-style projection also gives a free symmetry test: for a symmetric operator
+:math:`H_m` is symmetric up to rounding, and a clear asymmetry raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from nncurv.linalg._checks import NonFiniteError, sym_tolerance
+from nncurv.operators.base import LinearOperator
+
+__all__ = ["KrylovOutput", "krylov_schur", "select"]
+
+
+@dataclass
+class KrylovOutput:
+    """Internal result of :func:`krylov_schur`."""
+
+    theta: Tensor
+    vectors: Tensor | None
+    residuals: Tensor
+    converged: bool
+    num_matvecs: int
+
+
+def select(theta: Tensor, k: int, which: str) -> Tensor:
+    """Indices of the ``k`` Ritz values wanted by ``which``, in that rule's order."""
+    m = theta.shape[0]
+    k = min(k, m)
+    if which == "LA":
+        return torch.argsort(theta, descending=True)[:k]
+    if which == "SA":
+        return torch.argsort(theta)[:k]
+    if which == "LM":
+        return torch.argsort(theta.abs(), descending=True)[:k]
+    # "BE": ceil(k/2) from the top, floor(k/2) from the bottom, returned in ascending order
+    order = torch.argsort(theta)
+    hi, lo = (k + 1) // 2, k // 2
+    idx = torch.cat([order[:lo], order[m - hi :]])
+    return idx
+
+
+def _orthonormalise_block(
+    W: Tensor, V: Tensor, gen: torch.Generator, dims_left: int, scale: float
+) -> tuple[Tensor, Tensor]:
+    """Return ``(Q, R)`` with ``W = Q R``, ``Q`` orthonormal and orthogonal to ``V``'s columns.
+
+    ``W`` must already be orthogonalised against ``V``. Columns that vanish (an invariant
+    subspace was found) are replaced by random directions orthogonal to everything, with a zero
+    coupling, so the recurrence continues in the rest of the space.
+    """
+    b = W.shape[1]
+    Q = torch.zeros_like(W[:, :dims_left]) if dims_left < b else torch.zeros_like(W)
+    width = Q.shape[1]
+    R = torch.zeros(width, b, dtype=W.dtype, device=W.device)
+    eps = torch.finfo(W.dtype).eps
+    for j in range(b):
+        w = W[:, j].clone()
+        for _ in range(2):
+            # against the basis too: a small w is dominated by rounding along V
+            w = w - V @ (V.T @ w)
+            if j > 0:
+                c = Q[:, : min(j, width)].T @ w
+                w = w - Q[:, : min(j, width)] @ c
+                R[: min(j, width), j] += c
+        if j >= width:
+            continue
+        nrm = w.norm()
+        if float(nrm) <= 100 * eps * scale or float(nrm) == 0.0:
+            # breakdown: continue with a random direction orthogonal to the basis
+            w = torch.randn(W.shape[0], generator=gen, device=W.device, dtype=W.dtype)
+            for _ in range(2):
+                w = w - V @ (V.T @ w)
+                if j > 0:
+                    w = w - Q[:, :j] @ (Q[:, :j].T @ w)
+            w = w / w.norm()
+            R[j, j] = 0.0
+        else:
+            R[j, j] = nrm
+            w = w / nrm
+        Q[:, j] = w
+    return Q, R
+
+
+def krylov_schur(
+    op: LinearOperator,
+    start: Tensor,
+    k: int,
+    which: str,
+    *,
+    tol: float,
+    max_matvecs: int,
+    ncv: int,
+    generator: torch.Generator,
+    return_vectors: bool,
+) -> KrylovOutput:
+    """Compute ``k`` eigenpairs of a symmetric ``op`` selected by ``which``.
+
+    Args:
+        op: Symmetric operator of dimension ``n``.
+        start: ``(n, b)`` start block (``b = 1``: Lanczos), full column rank.
+        k: Number of wanted pairs, ``1 <= k <= n``.
+        which: ``"LA"``, ``"SA"``, ``"LM"`` or ``"BE"``.
+        tol: Relative residual tolerance: stop when every wanted pair has
+            ``||A v - θ v|| <= tol * |θ|`` (plus a rounding-level floor).
+        max_matvecs: Budget of products.
+        ncv: Maximal basis size before a thick restart (``>= k + b``).
+        generator: Source of random directions after a breakdown.
+        return_vectors: Whether to form the Ritz vectors.
+    """
+    n = op.shape[0]
+    b = start.shape[1]
+    work_dtype = torch.float64 if op.dtype != torch.float64 else op.dtype
+    dev = op.device
+    V = torch.zeros(n, ncv + b, dtype=op.dtype, device=dev)
+    H = torch.zeros(ncv + b, ncv + b, dtype=work_dtype, device=dev)
+    Q0, _ = torch.linalg.qr(start)
+    V[:, :b] = Q0
+    m = 0  # processed columns
+    bw = b  # width of the pending block V[:, m:m+bw]
+    nmv = 0
+    eps = torch.finfo(op.dtype).eps
+    sym_tol = sym_tolerance(op.dtype)
+    theta = torch.zeros(0, dtype=work_dtype, device=dev)
+    S = torch.zeros(0, 0, dtype=work_dtype, device=dev)
+    res = torch.zeros(0, dtype=work_dtype, device=dev)
+    wanted = torch.zeros(0, dtype=torch.long, device=dev)
+    converged = False
+    while True:
+        block = V[:, m : m + bw]
+        W = op.matmat(block) if bw > 1 else op.matvec(block[:, 0]).unsqueeze(1)
+        nmv += bw
+        scale = float(W.norm(dim=0).max())
+        if not math.isfinite(scale):
+            raise NonFiniteError(
+                f"the operator produced NaN or Inf at product {nmv}; no eigenvalues reported"
+            )
+        Vc = V[:, : m + bw]
+        h = Vc.T @ W
+        W = W - Vc @ h
+        h2 = Vc.T @ W
+        W = W - Vc @ h2
+        h = h + h2
+        H[: m + bw, m : m + bw] = h.to(work_dtype)
+        m_old, m = m, m + bw
+        dims_left = n - m
+        if dims_left > 0:
+            nb = min(b, dims_left)
+            Qn, Rn = _orthonormalise_block(W, V[:, :m], generator, nb, scale)
+            V[:, m : m + nb] = Qn
+            H[m : m + nb, m_old:m] = Rn.to(work_dtype)
+        else:
+            nb = 0
+        # convergence and sanity tests (one host synchronisation per block)
+        Hm = H[:m, :m]
+        hmax = float(Hm.abs().max()) if m > 0 else 0.0
+        if hmax != hmax or hmax == float("inf"):
+            raise NonFiniteError(
+                f"the operator produced NaN or Inf after {nmv} products; no eigenvalues reported"
+            )
+        asym = float((H[:m_old, m_old:m] - H[m_old:m, :m_old].T).abs().max()) if m_old else 0.0
+        if asym > sym_tol * max(hmax, torch.finfo(op.dtype).tiny):
+            raise ValueError(
+                f"op is not symmetric: projections differ by {asym:.3e} relative to "
+                f"{hmax:.3e} (tolerance {sym_tol:.1e}); eigenvalues() needs a symmetric operator"
+            )
+        theta, S = torch.linalg.eigh((Hm + Hm.T) / 2)
+        C = H[m : m + nb, :m]
+        res = (C @ S).norm(dim=0) if nb > 0 else torch.zeros_like(theta)
+        wanted = select(theta, k, which)
+        if m >= k or nb == 0:
+            floor = 1e3 * eps * max(hmax, float(theta.abs().max()))
+            bound = tol * theta[wanted].abs() + floor
+            if m >= k and bool((res[wanted] <= bound).all()):
+                converged = True
+                break
+        if nb == 0:  # the whole space is spanned: Ritz pairs are exact
+            converged = True
+            break
+        if nmv + nb > max_matvecs:
+            break
+        if m + nb > ncv:  # thick restart: keep the wanted Ritz vectors and some extra
+            p = max(k, min(k + (ncv - k) // 2, ncv - b))
+            keep = select(theta, p, which)
+            p = keep.shape[0]
+            Sk = S[:, keep]
+            new_basis = V[:, :m] @ Sk.to(op.dtype)
+            nxt = V[:, m : m + nb].clone()
+            V.zero_()
+            V[:, :p] = new_basis
+            V[:, p : p + nb] = nxt
+            Cn = C @ Sk
+            H.zero_()
+            H[:p, :p] = torch.diag(theta[keep])
+            H[p : p + nb, :p] = Cn
+            m = p
+        bw = nb
+    vectors = V[:, :m] @ S[:, wanted].to(op.dtype) if return_vectors else None
+    return KrylovOutput(
+        theta=theta[wanted].to(op.dtype),
+        vectors=vectors,
+        residuals=res[wanted].to(op.dtype),
+        converged=converged,
+        num_matvecs=nmv,
+    )
