@@ -23,6 +23,7 @@ from typing import Any, Literal, Union
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from nncurv._state import BatchNormPolicy, DropoutPolicy, apply_module_policy, untouched
 from nncurv.batches import BatchFormat, move_batch
@@ -292,8 +293,12 @@ class CurvatureProblem:
     # ------------------------------------------------------------------ evaluation
     @contextlib.contextmanager
     def evaluating(self) -> Iterator[None]:
-        """Context in which the model may be evaluated: flags, RNG and grad mode are guarded."""
-        with untouched(self.model):
+        """Context in which the model may be evaluated: flags, RNG and grad mode are guarded.
+
+        Attention runs through the math backend of ``scaled_dot_product_attention``: the fused
+        kernels have neither forward-mode nor double-backward derivatives.
+        """
+        with untouched(self.model), sdpa_kernel([SDPBackend.MATH]):
             apply_module_policy(self.model, batchnorm=self.batchnorm, dropout=self.dropout)
             yield
 

@@ -1,0 +1,226 @@
+"""Hessian and GGN operators against independent dense references (float64)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from nncurv import CurvatureProblem, DictBatch, GGNOperator, HessianOperator, hessian
+from tests.conftest import assert_close
+from tests.reference import dense_ggn, dense_hessian
+from tests.zoo import CASE_IDS, CASES, case
+
+HESSIAN_MODES = ["auto", "cached", "forward-over-reverse", "reverse-over-reverse"]
+GGN_MODES = ["auto", "cached", "forward", "reverse"]
+
+
+def _build(op_cls, problem, mode):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return op_cls(problem, mode=mode)
+
+
+@pytest.mark.parametrize("mode", HESSIAN_MODES)
+@pytest.mark.parametrize("c", CASES, ids=CASE_IDS)
+def test_hessian_matmat_identity_equals_dense(c, mode, device):
+    model, loss_fn, (X, y) = c.make(device)
+    problem = CurvatureProblem(model, loss_fn, (X, y), **c.kwargs)
+    ref = dense_hessian(model, loss_fn, X, y, problem)
+    if mode == "forward-over-reverse" and c.name.endswith("mse_mean"):
+        # pytorch#123996: forward-mode AD through mse_loss(reduction="mean") backward fails
+        with pytest.raises(RuntimeError, match="ZeroTensors"):
+            _build(HessianOperator, problem, mode).to_dense()
+        return
+    H = _build(HessianOperator, problem, mode)
+    assert_close(H.to_dense(), ref, rtol=1e-10, atol=1e-12, what=f"{c.name}/{mode}")
+    v = torch.randn(H.shape[0], dtype=H.dtype, device=device)
+    assert_close(H @ v, ref @ v, rtol=1e-10, atol=1e-12, what="matvec")
+
+
+@pytest.mark.parametrize("mode", GGN_MODES)
+@pytest.mark.parametrize("c", [c for c in CASES if c.ggn], ids=[c.name for c in CASES if c.ggn])
+def test_ggn_matmat_identity_equals_dense(c, mode, device):
+    model, loss_fn, (X, y) = c.make(device)
+    problem = CurvatureProblem(model, loss_fn, (X, y), **c.kwargs)
+    ref = dense_ggn(model, loss_fn, X, y, problem)
+    G = _build(GGNOperator, problem, mode)
+    dense = G.to_dense()
+    assert_close(dense, ref, rtol=1e-10, atol=1e-12, what=f"{c.name}/{mode}")
+    assert float(torch.linalg.eigvalsh(dense).min()) > -1e-10 * float(dense.abs().max())
+
+
+def test_linear_regression_closed_form(device):
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(50, 4, generator=g, dtype=torch.float64).to(device)
+    y = torch.randn(50, 1, generator=g, dtype=torch.float64).to(device)
+    model = nn.Linear(4, 1).double().to(device)
+    Xa = torch.cat([X, torch.ones(50, 1, dtype=X.dtype, device=device)], dim=1)
+    expected = 2 * Xa.T @ Xa / 50  # parameter order: weight (4), bias (1)
+    for mode in HESSIAN_MODES[:2] + HESSIAN_MODES[3:]:
+        H = HessianOperator(CurvatureProblem(model, nn.MSELoss(), (X, y)), mode=mode)
+        assert_close(H.to_dense(), expected, rtol=1e-12, atol=1e-13, what=mode)
+    G = GGNOperator(CurvatureProblem(model, nn.MSELoss(), (X, y)))
+    assert_close(G.to_dense(), expected, rtol=1e-12, atol=1e-13, what="ggn")
+
+
+def test_symmetry_and_matmat_consistency(device):
+    model, loss_fn, (X, y) = case("mlp_gelu_ce_sum").make(device)
+    H = HessianOperator(CurvatureProblem(model, loss_fn, (X, y), reduction="sum"))
+    gen = torch.Generator(device=device).manual_seed(0)
+    V = torch.randn(H.shape[0], 5, generator=gen, dtype=H.dtype, device=device)
+    HV = H.matmat(V)
+    cols = torch.stack([H.matvec(V[:, j]) for j in range(5)], dim=1)
+    assert_close(HV, cols, rtol=1e-11, atol=1e-13, what="matmat vs matvec")
+    vHw, wHv = V[:, 0] @ HV[:, 1], V[:, 1] @ HV[:, 0]
+    assert abs(float(vHw - wHv)) <= 1e-11 * float(HV.abs().max())
+    H.matmat_chunk_size = 2
+    assert_close(H.matmat(V), HV, rtol=1e-11, atol=1e-13, what="chunked matmat")
+    assert H.num_matvecs == 15
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_dataloader_with_short_last_batch_equals_concatenated(reduction, device):
+    model, _, (X, y) = case("mlp_tanh_mse_mean").make(device)
+    loss_fn = nn.MSELoss(reduction=reduction)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X, y), batch_size=5, shuffle=True
+    )  # 12 samples: batches of 5, 5, 2
+    full = HessianOperator(CurvatureProblem(model, loss_fn, (X, y), reduction=reduction))
+    for mode in ["cached", "reverse-over-reverse"]:
+        batched = HessianOperator(
+            CurvatureProblem(model, loss_fn, loader, reduction=reduction), mode=mode
+        )
+        assert batched.problem.batch_sizes == [5, 5, 2]
+        assert_close(batched.to_dense(), full.to_dense(), rtol=1e-10, atol=1e-12, what=mode)
+    G = GGNOperator(CurvatureProblem(model, loss_fn, loader, reduction=reduction))
+    G_full = GGNOperator(CurvatureProblem(model, loss_fn, (X, y), reduction=reduction))
+    assert_close(G.to_dense(), G_full.to_dense(), rtol=1e-10, atol=1e-12, what="ggn loader")
+
+
+def test_batchnorm_batch_statistics_match_finite_differences(device):
+    model, loss_fn, (X, y) = case("bn_eval_ce_mean").make(device)
+    model.train()
+    running = {k: v.clone() for k, v in model.named_buffers()}
+    problem = CurvatureProblem(model, loss_fn, (X, y), batchnorm="batch")
+    gen = torch.Generator(device=device).manual_seed(1)
+    v = torch.randn(problem.num_params, generator=gen, dtype=torch.float64, device=device)
+    p0 = {n: t.clone() for n, t in problem.params.items()}
+
+    def grad_at(eps: float) -> torch.Tensor:
+        shifted = {n: p0[n] + eps * t for n, t in problem.unflatten(v).items()}
+        with problem.evaluating():
+            batch = next(problem.batches())
+            return problem.flatten(torch.func.grad(lambda p: problem.batch_loss(p, batch))(shifted))
+
+    h = 1e-5
+    fd = (grad_at(h) - grad_at(-h)) / (2 * h)
+    for mode in HESSIAN_MODES:
+        Hv = _build(HessianOperator, problem, mode) @ v
+        assert_close(Hv, fd, rtol=1e-6, atol=1e-8, what=f"BN batch stats {mode}")
+    # batch statistics differ from running statistics: the eval-mode Hessian is another matrix
+    Hv_eval = HessianOperator(CurvatureProblem(model, loss_fn, (X, y))) @ v
+    assert float((Hv_eval - fd).norm()) > 1e-3 * float(fd.norm())
+    for k, t in model.named_buffers():
+        assert torch.equal(t, running[k]), f"buffer {k} changed"
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_dropout_on_is_a_fixed_deterministic_operator(device):
+    model, loss_fn, (X, y) = case("dropout_off_ce_mean").make(device)
+    on = CurvatureProblem(model, loss_fn, (X, y), dropout="on", seed=7)
+    off = CurvatureProblem(model, loss_fn, (X, y))
+    gen = torch.Generator(device=device).manual_seed(2)
+    v = torch.randn(on.num_params, generator=gen, dtype=torch.float64, device=device)
+    for mode in ["cached", "forward-over-reverse", "reverse-over-reverse"]:
+        H = HessianOperator(on, mode=mode)
+        a, b = H @ v, H @ v
+        assert torch.equal(a, b), mode
+        V = torch.stack([v, 2 * v], dim=1)
+        assert_close(H.matmat(V)[:, 1], 2 * a, rtol=1e-10, atol=1e-12, what=f"vmap mask {mode}")
+    H_off = HessianOperator(off) @ v
+    assert float((HessianOperator(on) @ v - H_off).norm()) > 1e-6
+
+
+def test_nll_ggn_equals_cross_entropy_ggn(device):
+    model, _, (X, y) = case("mlp_relu_ce_mean").make(device)
+    ce = GGNOperator(CurvatureProblem(model, nn.CrossEntropyLoss(), (X, y))).to_dense()
+    nll_model = nn.Sequential(model, nn.LogSoftmax(dim=-1))
+    nll = GGNOperator(CurvatureProblem(nll_model, nn.NLLLoss(), (X, y))).to_dense()
+    assert_close(nll, ce, rtol=1e-10, atol=1e-12, what="NLL vs CE GGN")
+
+
+def test_parameter_selection_and_blocks_are_diagonal_blocks(device):
+    model, loss_fn, (X, y) = case("mlp_tanh_mse_sum").make(device)
+    problem = CurvatureProblem(model, loss_fn, (X, y), reduction="sum")
+    full = HessianOperator(problem).to_dense()
+    offsets, start = {}, 0
+    for n in problem.param_names:
+        offsets[n] = (start, start + problem.shapes[n].numel())
+        start = offsets[n][1]
+    for layer, names in problem.blocks().items():
+        sub = HessianOperator(problem.with_params(names)).to_dense()
+        idx = torch.cat([torch.arange(*offsets[n]) for n in names]).to(device)
+        assert_close(sub, full[idx][:, idx], rtol=1e-10, atol=1e-12, what=f"block {layer}")
+    by_pattern = CurvatureProblem(model, loss_fn, (X, y), params="2.*", reduction="sum")
+    by_module = CurvatureProblem(model, loss_fn, (X, y), params=model[2], reduction="sum")
+    assert by_pattern.param_names == by_module.param_names == ["2.weight", "2.bias"]
+    weights = CurvatureProblem(model, loss_fn, (X, y), params=lambda n, p: n.endswith("weight"))
+    assert weights.param_names == ["0.weight", "2.weight"]
+
+
+def test_dict_batches_huggingface_style(device):
+    class KwModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, input_ids: torch.Tensor, scale: torch.Tensor) -> dict:
+            return {"logits": self.lin(input_ids) * scale}
+
+    model = KwModel().double().to(device)
+    X = torch.randn(8, 4, dtype=torch.float64, device=device)
+    y = torch.randint(0, 3, (8,), device=device)
+    scale = torch.full((8, 1), 2.0, dtype=torch.float64, device=device)
+    batch = {"input_ids": X, "scale": scale, "labels": y}
+    H = HessianOperator(
+        CurvatureProblem(model, nn.CrossEntropyLoss(), batch, batch_format=DictBatch("labels"))
+    )
+    ref_model = nn.Sequential(model.lin)
+    ref_loss = lambda out, target: nn.functional.cross_entropy(2 * out, target)  # noqa: E731
+    ref = HessianOperator(CurvatureProblem(ref_model, ref_loss, (X, y)))
+    assert_close(H.to_dense(), ref.to_dense(), rtol=1e-10, atol=1e-12, what="dict batch")
+
+
+def test_to_scipy_interop():
+    scipy_linalg = pytest.importorskip("scipy.sparse.linalg")
+    model, loss_fn, data = case("mlp_tanh_mse_sum").make("cpu")
+    H = hessian(model, loss_fn, data, reduction="sum")
+    dense = H.to_dense()
+    top = scipy_linalg.eigsh(H.to_scipy(), k=1, which="LA", return_eigenvectors=False)
+    assert abs(top[0] - float(torch.linalg.eigvalsh(dense)[-1])) < 1e-8 * abs(top[0])
+
+
+def test_attention_hessian_matches_finite_differences():
+    # independent of any autodiff Hessian: central differences of the gradient in float64
+    model, loss_fn, (X, y) = case("transformer_ce_mean").make("cpu")
+    model.eval()
+    problem = CurvatureProblem(model, loss_fn, (X, y))
+    v = torch.randn(problem.num_params, generator=torch.Generator().manual_seed(4), dtype=X.dtype)
+
+    def grad_at(eps: float) -> torch.Tensor:
+        p = {
+            n: (problem.params[n] + eps * t).requires_grad_()
+            for n, t in problem.unflatten(v).items()
+        }
+        with problem.evaluating():
+            loss = problem.batch_loss(p, next(problem.batches()))
+            return problem.flatten(dict(zip(p, torch.autograd.grad(loss, list(p.values())))))
+
+    fd = (grad_at(1e-5) - grad_at(-1e-5)) / 2e-5
+    for mode in HESSIAN_MODES[1:]:
+        assert_close(
+            _build(HessianOperator, problem, mode) @ v, fd, rtol=1e-6, atol=1e-9, what=mode
+        )
