@@ -1,0 +1,184 @@
+"""Nothing the user owns changes; bad input fails early with a clear message."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from nncurv import CurvatureProblem, GGNOperator, HessianOperator, MatrixOperator
+from tests.zoo import case
+
+
+def _snapshot(model: nn.Module) -> dict:
+    return {
+        "params": {k: v.detach().clone() for k, v in model.named_parameters()},
+        "grads": {
+            k: None if v.grad is None else v.grad.clone() for k, v in model.named_parameters()
+        },
+        "buffers": {k: v.clone() for k, v in model.named_buffers()},
+        "modes": {k: m.training for k, m in model.named_modules()},
+        "trs": {k: getattr(m, "track_running_stats", None) for k, m in model.named_modules()},
+        "rng": torch.random.get_rng_state(),
+        "grad_enabled": torch.is_grad_enabled(),
+    }
+
+
+def _assert_same(before: dict, model: nn.Module) -> None:
+    after = _snapshot(model)
+    for key in ("params", "buffers"):
+        for name, t in before[key].items():
+            assert torch.equal(t, after[key][name]), f"{key} {name} changed"
+    for name, g in before["grads"].items():
+        g2 = after["grads"][name]
+        assert (g is None and g2 is None) or torch.equal(g, g2), f".grad of {name} changed"
+    assert before["modes"] == after["modes"], "train/eval flags changed"
+    assert before["trs"] == after["trs"], "track_running_stats changed"
+    assert torch.equal(before["rng"], after["rng"]), "global RNG state changed"
+    assert before["grad_enabled"] == after["grad_enabled"]
+
+
+@pytest.mark.parametrize("batchnorm", ["eval", "batch"])
+@pytest.mark.parametrize("name", ["bn_cnn_eval_mse_mean", "dropout_off_ce_mean"])
+def test_every_operator_leaves_model_and_rng_untouched(name, batchnorm, device):
+    model, loss_fn, (X, y) = case(name).make(device)
+    model.train()
+    model[0].eval() if isinstance(model, nn.Sequential) else model.conv.eval()  # mixed flags
+    loss_fn(model(X), y).backward()  # a .grad the analysis must not touch (BN stats move here)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X, y), batch_size=5, shuffle=True
+    )
+    before = _snapshot(model)
+    for data in [(X, y), loader]:
+        for dropout in ["off", "on"]:
+            problem = CurvatureProblem(
+                model, loss_fn, data, batchnorm=batchnorm, dropout=dropout, cache_batches=False
+            )
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                ops = [HessianOperator(problem, mode=m) for m in HessianOperator.modes[:1]]
+                ops += [HessianOperator(problem, mode="reverse-over-reverse")]
+                ops += [GGNOperator(problem, mode=m) for m in GGNOperator.modes]
+                ops += [HessianOperator(problem)]
+            for op in ops:
+                v = torch.ones(op.shape[0], dtype=op.dtype, device=device)
+                op @ v
+                op.matmat(torch.stack([v, -v], dim=1))
+            problem.loss_and_gradient()
+            problem.loss()
+    _assert_same(before, model)
+
+
+def test_untouched_when_a_call_raises(device):
+    model, _, (X, y) = case("bn_eval_ce_mean").make(device)
+    model.train()
+    calls = {"n": 0}
+
+    def flaky_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise RuntimeError("loss exploded")
+        return nn.functional.cross_entropy(out, target)
+
+    before = _snapshot(model)
+    problem = CurvatureProblem(model, flaky_loss, (X, y), batchnorm="batch")
+    H = HessianOperator(problem, mode="reverse-over-reverse")
+    with pytest.raises(RuntimeError, match="loss exploded"):
+        H @ torch.ones(H.shape[0], dtype=H.dtype, device=device)
+        H @ torch.ones(H.shape[0], dtype=H.dtype, device=device)
+    _assert_same(before, model)
+
+
+def test_works_under_no_grad_and_inference_mode(device):
+    model, loss_fn, (X, y) = case("mlp_tanh_mse_sum").make(device)
+    ref = HessianOperator(CurvatureProblem(model, loss_fn, (X, y), reduction="sum")).to_dense()
+    with torch.inference_mode():
+        Xi, yi = X.clone(), y.clone()
+        H = HessianOperator(CurvatureProblem(model, loss_fn, (Xi, yi), reduction="sum"))
+        dense = H.to_dense()
+    assert not torch.is_inference_mode_enabled()
+    torch.testing.assert_close(dense, ref)
+    with torch.no_grad():
+        G = GGNOperator(CurvatureProblem(model, loss_fn, (X, y), reduction="sum")).to_dense()
+        assert not torch.is_grad_enabled()
+    assert torch.isfinite(G).all()
+
+
+# ---------------------------------------------------------------------- bad input
+
+
+def test_loss_that_is_not_a_scalar():
+    model, _, data = case("mlp_tanh_mse_mean").make("cpu")
+    with pytest.raises(ValueError, match="scalar"):
+        CurvatureProblem(model, nn.MSELoss(reduction="none"), data)
+
+
+def test_model_without_trainable_parameters():
+    model, loss_fn, data = case("mlp_tanh_mse_mean").make("cpu")
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        CurvatureProblem(model, loss_fn, data)
+
+
+def test_selection_that_matches_nothing_lists_names():
+    model, loss_fn, data = case("mlp_tanh_mse_mean").make("cpu")
+    with pytest.raises(
+        ValueError, match=r"'decoder\.\*' matches no trainable parameter.*0\.weight"
+    ):
+        CurvatureProblem(model, loss_fn, data, params="decoder.*")
+    with pytest.raises(ValueError, match="empty selection"):
+        CurvatureProblem(model, loss_fn, data, params=[])
+
+
+def test_empty_data():
+    model, loss_fn, _ = case("mlp_tanh_mse_mean").make("cpu")
+    with pytest.raises(ValueError, match="empty"):
+        CurvatureProblem(model, loss_fn, [])
+    empty = torch.utils.data.TensorDataset(torch.zeros(0, 4), torch.zeros(0, 3))
+    with pytest.raises(ValueError, match="empty"):
+        CurvatureProblem(model, loss_fn, torch.utils.data.DataLoader(empty, batch_size=4))
+    with pytest.raises(ValueError, match="empty"):
+        CurvatureProblem(model, loss_fn, (torch.zeros(0, 4), torch.zeros(0, 3)))
+
+
+def test_vectors_of_wrong_size_dtype_device():
+    model, loss_fn, data = case("mlp_tanh_mse_mean").make("cpu")
+    H = HessianOperator(CurvatureProblem(model, loss_fn, data))
+    n = H.shape[0]
+    before = H.num_matvecs
+    with pytest.raises(ValueError, match=rf"shape \({n},\), got \({n + 1},\)"):
+        H @ torch.zeros(n + 1, dtype=torch.float64)
+    with pytest.raises(TypeError, match="dtype torch.float64, got torch.float32"):
+        H @ torch.zeros(n)
+    with pytest.raises(ValueError, match="device"):
+        H @ torch.zeros(n, dtype=torch.float64, device="meta")
+    with pytest.raises(ValueError, match="shape"):
+        H.matmat(torch.zeros(n + 2, 3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        H.matvec([0.0] * n)  # type: ignore[arg-type]
+    assert H.num_matvecs == before
+
+
+def test_unknown_mode_and_options():
+    model, loss_fn, data = case("mlp_tanh_mse_mean").make("cpu")
+    problem = CurvatureProblem(model, loss_fn, data)
+    with pytest.raises(ValueError, match="'fast'"):
+        HessianOperator(problem, mode="fast")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'forward-over-reverse'"):
+        GGNOperator(problem, mode="forward-over-reverse")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="chunk_size"):
+        HessianOperator(problem, chunk_size=0)
+    with pytest.raises(ValueError, match="'avg'"):
+        CurvatureProblem(model, loss_fn, data, reduction="avg")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'train'"):
+        CurvatureProblem(model, loss_fn, data, batchnorm="train")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Module"):
+        CurvatureProblem(lambda x: x, loss_fn, data)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="CurvatureProblem"):
+        HessianOperator(model)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="square"):
+        MatrixOperator(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="not initialized"):
+        CurvatureProblem(model, loss_fn, data, distributed=True)
