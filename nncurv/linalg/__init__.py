@@ -2,7 +2,9 @@
 
 from nncurv.linalg._checks import NonFiniteError, check_symmetric
 from nncurv.linalg._results import DiagonalResult, EigenResult, TraceResult
+from nncurv.linalg.diagonal import diagonal, exact_diagonal, hutchinson_diagonal, xdiag
 from nncurv.linalg.eigen import eigenvalues
+from nncurv.linalg.trace import exact_trace, hutchinson_trace, hutchpp_trace, trace, xtrace
 
 __all__ = [
     "DiagonalResult",
@@ -10,5 +12,14 @@ __all__ = [
     "NonFiniteError",
     "TraceResult",
     "check_symmetric",
+    "diagonal",
     "eigenvalues",
+    "exact_diagonal",
+    "exact_trace",
+    "hutchinson_diagonal",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "trace",
+    "xdiag",
+    "xtrace",
 ]

@@ -1,0 +1,232 @@
+"""Trace and diagonal estimators: unbiased, honest standard errors, variance reduction."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from nncurv.linalg import (
+    NonFiniteError,
+    diagonal,
+    exact_diagonal,
+    exact_trace,
+    hutchinson_diagonal,
+    hutchinson_trace,
+    hutchpp_trace,
+    trace,
+    xdiag,
+    xtrace,
+)
+from nncurv.operators.base import CallableOperator, MatrixOperator
+from tests.conftest import assert_close
+
+N = 60
+D = torch.float64
+
+
+def _rotated(lam: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(lam), len(lam), generator=g, dtype=D))
+    A = Q @ torch.diag(lam) @ Q.T
+    return (A + A.T) / 2
+
+
+def _outliers() -> torch.Tensor:
+    """Power-law decay (c = 2) plus sign changes: a few outliers over an indefinite bulk."""
+    i = torch.arange(1, N + 1, dtype=D)
+    lam = 50.0 * i**-2.0
+    lam[N // 2 :: 3] *= -1
+    return _rotated(lam, seed=1)
+
+
+def _flat() -> torch.Tensor:
+    g = torch.Generator().manual_seed(2)
+    return _rotated(1.0 + 0.3 * torch.randn(N, generator=g, dtype=D), seed=2)
+
+
+TRACE_ESTIMATORS: dict[str, Callable] = {
+    "hutchinson": hutchinson_trace,
+    "hutchinson-gauss": lambda op, m, seed: hutchinson_trace(
+        op, m, distribution="gaussian", seed=seed
+    ),
+    "hutch++": hutchpp_trace,
+    "xtrace": xtrace,
+}
+
+
+def _repeat_trace(name: str, A: torch.Tensor, m: int, reps: int) -> tuple[torch.Tensor, ...]:
+    f = TRACE_ESTIMATORS[name]
+    res = [f(MatrixOperator(A), m, seed=s) for s in range(reps)]
+    est = torch.tensor([r.estimate for r in res], dtype=D)
+    se = torch.tensor([r.standard_error for r in res], dtype=D)
+    return est, se
+
+
+@pytest.mark.parametrize("name", list(TRACE_ESTIMATORS))
+@pytest.mark.parametrize("matrix", ["outliers", "flat"])
+def test_trace_estimators_unbiased_with_honest_standard_errors(name: str, matrix: str) -> None:
+    A = _outliers() if matrix == "outliers" else _flat()
+    truth = float(A.trace())
+    reps, m = 400, 12
+    est, se = _repeat_trace(name, A, m, reps)
+    # unbiased: the average over repeats converges to the truth at the rate of its variance
+    mc_se = float(est.std()) / math.sqrt(reps)
+    assert abs(float(est.mean()) - truth) <= 4 * mc_se + 1e-12, (float(est.mean()), truth, mc_se)
+    # honest standard errors: the error stays within a few reported standard errors
+    z = (est - truth).abs() / se
+    assert float((z <= 3).double().mean()) >= 0.9
+    ratio = float(est.std()) / float(se.mean())
+    assert 0.7 <= ratio <= 1.6, ratio
+
+
+def test_hutchinson_single_probe_variance_matches_closed_form() -> None:
+    A = _outliers()
+    fro2, diag2 = float((A * A).sum()), float((A.diagonal() ** 2).sum())
+    r = hutchinson_trace(MatrixOperator(A), 4000, seed=3)
+    g = hutchinson_trace(MatrixOperator(A), 4000, seed=3, distribution="gaussian")
+    assert r.samples is not None and g.samples is not None
+    assert abs(float(r.samples.var()) / (2 * (fro2 - diag2)) - 1) < 0.12
+    assert abs(float(g.samples.var()) / (2 * fro2) - 1) < 0.12
+    assert r.num_matvecs == 4000
+
+
+def test_variance_reduction_on_decaying_spectrum() -> None:
+    A = _outliers()
+    truth = float(A.trace())
+    rmse = {}
+    for name in ("hutchinson", "hutch++", "xtrace"):
+        est, _ = _repeat_trace(name, A, 30, 60)
+        rmse[name] = float(((est - truth) ** 2).mean().sqrt())
+    assert rmse["xtrace"] * 10 <= rmse["hutchinson"], rmse
+    assert rmse["hutch++"] * 5 <= rmse["hutchinson"], rmse
+
+
+def test_trace_dispatch_default_is_xtrace_and_exact_paths() -> None:
+    A = _flat()
+    r = trace(MatrixOperator(A), 20, seed=4)
+    assert r.method == "xtrace" and r.num_matvecs == 20
+    assert r.estimate == xtrace(MatrixOperator(A), 20, seed=4).estimate
+    # a budget of n or more: the exact trace (n products) is cheaper than the estimate
+    for f in (xtrace, hutchpp_trace):
+        e = f(MatrixOperator(A), N)
+        assert e.method == "exact" and e.standard_error == 0.0 and e.num_matvecs == N
+        assert abs(e.estimate - float(A.trace())) < 1e-10
+    assert abs(exact_trace(MatrixOperator(A)).estimate - float(A.trace())) < 1e-10
+    # rank-deficient operator: the sketch finds the range and the trace is exact
+    B = _rotated(torch.cat([torch.tensor([5.0, 3.0, -2.0], dtype=D), torch.zeros(N - 3, dtype=D)]))
+    x = xtrace(MatrixOperator(B), 20)
+    assert abs(x.estimate - 6.0) < 1e-10 and x.num_matvecs <= 20
+    d = xdiag(MatrixOperator(B), 20)
+    assert_close(d.estimate, B.diagonal(), rtol=0, atol=1e-10, what="rank-deficient xdiag")
+
+
+def test_odd_budget_and_samples_of_xtrace() -> None:
+    r = xtrace(MatrixOperator(_flat()), 21)
+    assert r.num_matvecs == 20 and r.samples is not None and r.samples.shape == (10,)
+    h = hutchpp_trace(MatrixOperator(_flat()), 3)
+    assert h.num_matvecs == 3 and h.standard_error == math.inf
+
+
+# --------------------------------------------------------------------------- diagonal
+@pytest.mark.parametrize("name", ["hutchinson", "xdiag"])
+def test_diagonal_estimators_unbiased_with_honest_standard_errors(name: str) -> None:
+    A = _outliers()
+    reps, m = 300, 12
+    f = hutchinson_diagonal if name == "hutchinson" else xdiag
+    res = [f(MatrixOperator(A), m, seed=s) for s in range(reps)]
+    est = torch.stack([r.estimate for r in res])
+    se = torch.stack([r.standard_error for r in res])
+    mc_se = est.std(0) / math.sqrt(reps)
+    z = (est.mean(0) - A.diagonal()).abs() / mc_se
+    assert float(z.max()) <= 4.5, float(z.max())  # 60 entries, each within 4.5 MC errors
+    cover = ((est - A.diagonal()).abs() <= 3 * se).double().mean()
+    assert float(cover) >= 0.88, float(cover)
+    ratio = float((est.std(0) / se.mean(0)).mean())  # SEs neither inflated nor too small
+    assert 0.7 <= ratio <= 1.6, ratio
+
+
+def test_hutchinson_diagonal_variance_matches_closed_form() -> None:
+    A = _outliers()
+    m = 3000
+    r = hutchinson_diagonal(MatrixOperator(A), m, seed=1, chunk_size=500)
+    off = (A * A).sum(1) - A.diagonal() ** 2  # per-probe variance sum_{j != i} A_ij^2
+    predicted_se = (off / m).sqrt()
+    assert_close(r.standard_error, predicted_se, rtol=0.15, what="diag SE vs closed form")
+
+
+def test_xdiag_beats_hutchinson_on_outlier_spectrum() -> None:
+    A = _outliers()
+    errs = {"hutchinson": 0.0, "xdiag": 0.0}
+    for s in range(20):
+        errs["hutchinson"] += float(
+            (hutchinson_diagonal(MatrixOperator(A), 30, seed=s).estimate - A.diagonal()).norm()
+        )
+        errs["xdiag"] += float(
+            (xdiag(MatrixOperator(A), 30, seed=s).estimate - A.diagonal()).norm()
+        )
+    assert errs["xdiag"] * 3 <= errs["hutchinson"], errs
+
+
+def test_exact_diagonal_and_parameter_dicts(device: torch.device) -> None:
+    A = _flat().to(device)
+
+    class ParamOp(MatrixOperator):
+        def unflatten(self, v: torch.Tensor) -> dict[str, torch.Tensor]:
+            return {"w": v[:50].reshape(5, 10), "b": v[50:]}
+
+    r = exact_diagonal(ParamOp(A), chunk_size=7)
+    assert torch.equal(r.estimate.cpu(), A.diagonal().cpu()) or bool(
+        torch.allclose(r.estimate, A.diagonal(), rtol=1e-14)
+    )
+    assert r.num_matvecs == N and r.estimate_dict is not None
+    assert r.estimate_dict["w"].shape == (5, 10) and r.estimate_dict["b"].shape == (10,)
+    assert diagonal(MatrixOperator(A), method="exact").method == "exact"
+    x = diagonal(MatrixOperator(A), 20, seed=0)
+    assert x.method == "xdiag" and x.estimate.device.type == device.type
+    t = trace(MatrixOperator(A), 20)
+    assert math.isfinite(t.estimate)
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_budgets_and_arguments_raise_before_any_product() -> None:
+    op = MatrixOperator(_flat())
+    with pytest.raises(ValueError, match="at least 3.*num_matvecs=2"):
+        hutchpp_trace(op, 2)
+    with pytest.raises(ValueError, match="at least 2.*num_matvecs=1"):
+        xtrace(op, 1)
+    with pytest.raises(ValueError, match="at least 2"):
+        xdiag(op, 1)
+    with pytest.raises(ValueError, match="num_matvecs"):
+        hutchinson_trace(op, 0)
+    with pytest.raises(TypeError, match="num_matvecs"):
+        hutchinson_diagonal(op, 2.5)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'sphere'"):
+        hutchinson_trace(op, 4, distribution="sphere")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'hutch'"):
+        trace(op, 4, method="hutch")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'diagpp'"):
+        diagonal(op, 4, method="diagpp")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="symmetric"):
+        xdiag(MatrixOperator(torch.randn(5, 5, dtype=D), symmetric=False), 2)
+    with pytest.raises(TypeError, match="Generator"):
+        xtrace(op, 4, generator=3)  # type: ignore[arg-type]
+    assert op.num_matvecs == 0
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [hutchinson_trace, hutchpp_trace, xtrace, hutchinson_diagonal, xdiag, exact_diagonal],
+    ids=lambda f: f.__name__,
+)
+def test_nan_from_operator_raises(fn: Callable) -> None:
+    def mv(v: torch.Tensor) -> torch.Tensor:
+        out = 2.0 * v
+        out[3] = math.nan
+        return out
+
+    op = CallableOperator(mv, 30, dtype=D, device="cpu")
+    with pytest.raises(NonFiniteError, match="NaN or Inf"):
+        fn(op) if fn is exact_diagonal else fn(op, 6)
