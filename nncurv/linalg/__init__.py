@@ -2,6 +2,7 @@
 
 from nncurv.linalg._checks import NonFiniteError, check_symmetric
 from nncurv.linalg._results import DiagonalResult, EigenResult, TraceResult
+from nncurv.linalg.density import SpectralDensity, plot_spectral_density, spectral_density
 from nncurv.linalg.diagonal import diagonal, exact_diagonal, hutchinson_diagonal, xdiag
 from nncurv.linalg.eigen import eigenvalues
 from nncurv.linalg.trace import exact_trace, hutchinson_trace, hutchpp_trace, trace, xtrace
@@ -10,6 +11,7 @@ __all__ = [
     "DiagonalResult",
     "EigenResult",
     "NonFiniteError",
+    "SpectralDensity",
     "TraceResult",
     "check_symmetric",
     "diagonal",
@@ -19,6 +21,8 @@ __all__ = [
     "hutchinson_diagonal",
     "hutchinson_trace",
     "hutchpp_trace",
+    "plot_spectral_density",
+    "spectral_density",
     "trace",
     "xdiag",
     "xtrace",
