@@ -224,3 +224,23 @@ def test_attention_hessian_matches_finite_differences():
         assert_close(
             _build(HessianOperator, problem, mode) @ v, fd, rtol=1e-6, atol=1e-9, what=mode
         )
+
+
+def test_auto_falls_back_with_one_warning_when_a_mode_fails():
+    class NoDoubleBackward(HessianOperator):
+        def _prepare(self, batch, mode):
+            if mode == "cached":
+                raise NotImplementedError("double backward missing for op X")
+            return super()._prepare(batch, mode)
+
+    model, loss_fn, data = case("mlp_relu_ce_mean").make("cpu")
+    problem = CurvatureProblem(model, loss_fn, data)
+    with pytest.warns(RuntimeWarning, match="cached .NotImplementedError: double backward"):
+        H = NoDoubleBackward(problem)
+    assert H.mode in ("forward-over-reverse", "reverse-over-reverse")
+    assert "cached" in H.mode_errors
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same failure is not reported twice
+        NoDoubleBackward(problem)
+    ref = HessianOperator(problem, mode="cached").to_dense()
+    assert_close(H.to_dense(), ref, rtol=1e-10, atol=1e-12, what="fallback")

@@ -140,11 +140,12 @@ class ParameterOperator(LinearOperator):
         raise NotImplementedError
 
     def _for_each_batch(self, fn: Callable[[BatchProduct], Tensor], init: Tensor) -> Tensor:
-        out = init
+        total: Tensor | None = None
         cached = self.mode == self.cached_mode
-        if cached and len(self._cache) == self.problem.num_batches and self._cache:
+        if cached and self._cache and len(self._cache) == self.problem.num_batches:
             for prod in self._cache.values():
-                out = out + fn(prod)
+                r = fn(prod)
+                total = r if total is None else total + r
         else:
             with self.problem.evaluating():
                 for batch in self.problem.batches():
@@ -154,8 +155,9 @@ class ParameterOperator(LinearOperator):
                         prod = self._cache[batch.index]
                     else:
                         prod = self._prepare(batch, self.mode)
-                    out = out + fn(prod)
-        return self.problem.all_reduce(out)
+                    r = fn(prod)
+                    total = r if total is None else total + r
+        return self.problem.all_reduce(init if total is None else total)
 
     def _matvec(self, v: Tensor) -> Tensor:
         vd = self.unflatten(v)
@@ -174,42 +176,50 @@ class ParameterOperator(LinearOperator):
 
     # ------------------------------------------------------------------ auto mode
     def _choose_mode(self) -> str:
-        """Probe each mode once on the first batch; keep the fastest that works."""
-        candidates = [
-            m
-            for m in self.modes
-            if m != self.cached_mode or self.problem.num_batches <= self.max_cached_batches
-        ]
+        """Pick a mode by probing the first batch.
+
+        The cached mode is taken whenever it works and the data has at most
+        ``max_cached_batches`` batches: each further product is then a single backward pass,
+        which no other mode beats. Otherwise the functional modes are each timed on one product
+        and the faster one that works is kept. Failures are reported in one warning.
+        """
         gen = self.new_generator(12345)
         v = torch.randn(self.shape[0], generator=gen, dtype=self.dtype, device=self.device)
         vd = self.unflatten(v)
         timings: dict[str, float] = {}
+        chosen: str | None = None
         with self.problem.evaluating():
             it = self.problem.batches()
             batch = next(it)
             it.close()
-            for m in candidates:
+            if self.problem.num_batches <= self.max_cached_batches:
                 try:
-                    if m == self.cached_mode:
-                        prod = self._prepare(batch, m)
-                        self._sync()
-                        t0 = time.perf_counter()
-                        prod.mv(vd)
-                    else:
-                        self._sync()
-                        t0 = time.perf_counter()
-                        self._prepare(batch, m).mv(vd)
+                    prod = self._prepare(batch, self.cached_mode)
+                    prod.mv(vd)
+                    self._cache[batch.index] = prod
+                    chosen = self.cached_mode
+                except Exception as err:  # e.g. an op without a double-backward formula
+                    self.mode_errors[self.cached_mode] = f"{type(err).__name__}: {err}"
+            for m in self.modes:
+                if chosen is not None:
+                    break
+                if m == self.cached_mode:
+                    continue
+                try:
+                    self._sync()
+                    t0 = time.perf_counter()
+                    self._prepare(batch, m).mv(vd)
                     self._sync()
                     timings[m] = time.perf_counter() - t0
-                    if m == self.cached_mode:
-                        self._cache[batch.index] = prod
                 except Exception as err:  # a mode the model does not support
                     self.mode_errors[m] = f"{type(err).__name__}: {err}"
-        if not timings:
-            raise RuntimeError(
-                f"{type(self).__name__}: no product mode works for this model: {self.mode_errors}"
-            )
-        chosen = min(timings, key=timings.__getitem__)
+        if chosen is None:
+            if not timings:
+                raise RuntimeError(
+                    f"{type(self).__name__}: no product mode works for this model: "
+                    f"{self.mode_errors}"
+                )
+            chosen = min(timings, key=timings.__getitem__)
         key = (type(self).__name__, type(self.problem.model).__name__, tuple(self.mode_errors))
         if self.mode_errors and key not in _WARNED:
             _WARNED.add(key)
@@ -222,8 +232,6 @@ class ParameterOperator(LinearOperator):
                 RuntimeWarning,
                 stacklevel=3,
             )
-        if chosen != self.cached_mode:
-            self._cache.clear()
         return chosen
 
     def _sync(self) -> None:
