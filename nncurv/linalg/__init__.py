@@ -5,6 +5,7 @@ from nncurv.linalg._results import DiagonalResult, EigenResult, TraceResult
 from nncurv.linalg.density import SpectralDensity, plot_spectral_density, spectral_density
 from nncurv.linalg.diagonal import diagonal, exact_diagonal, hutchinson_diagonal, xdiag
 from nncurv.linalg.eigen import eigenvalues
+from nncurv.linalg.ggn_diagonal import ggn_diagonal
 from nncurv.linalg.trace import exact_trace, hutchinson_trace, hutchpp_trace, trace, xtrace
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "eigenvalues",
     "exact_diagonal",
     "exact_trace",
+    "ggn_diagonal",
     "hutchinson_diagonal",
     "hutchinson_trace",
     "hutchpp_trace",

@@ -253,6 +253,7 @@ def spectral_density(
     eps = torch.finfo(dt).eps
     sym_tol = sym_tolerance(dt)
     nmv = 0
+    anorm = 0.0
     for j in range(m):
         if basis is not None:
             basis[:, j, :] = V.T
@@ -277,7 +278,8 @@ def spectral_density(
             raise NonFiniteError(
                 f"the operator produced NaN or Inf at Lanczos step {j + 1}; no density reported"
             )
-        smax = float(scale.max())
+        anorm = max(anorm, float(scale.max()))  # running estimate of ||A||
+        smax = anorm
         if float(asym) > sym_tol * max(smax, torch.finfo(dt).tiny):
             raise ValueError(
                 f"op is not symmetric: Lanczos vectors are coupled by {float(asym):.3e} beyond "
@@ -285,7 +287,7 @@ def spectral_density(
             )
         if j == m - 1:
             break
-        brk = active & (b <= 100 * eps * scale.clamp_min(torch.finfo(dt).tiny))
+        brk = active & (b <= 100 * eps * max(anorm, torch.finfo(dt).tiny))
         if bool(brk.any()):
             steps = torch.where(brk, torch.full_like(steps, j + 1), steps)
             active = active & ~brk
