@@ -18,7 +18,7 @@ $(STAMP): $(BIN)/python pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python examples/demo.py
+	$(BIN)/python examples/digits_curvature.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check nncurv callbacks tests examples benchmarks

@@ -1,0 +1,20 @@
+"""The main example runs end to end (quick configuration)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_digits_curvature_example_runs():
+    pytest_sklearn = __import__("pytest").importorskip("sklearn")
+    assert pytest_sklearn is not None
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "digits_curvature.py"), "--quick"],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert "Hessian top-5 eigenvalues" in out.stdout
+    assert "model state and global RNG unchanged by the analysis: True" in out.stdout
