@@ -1,0 +1,290 @@
+"""Evaluate the loss (and metrics) at many points ``θ + Σ_j c_j d_j``, functionally.
+
+Points are processed in chunks; within a chunk ``torch.func.vmap`` runs all points in one
+batched forward pass (falling back to a loop when a layer has no batching rule). The user's
+module is never mutated: parameters and BatchNorm buffers of each point are passed to
+``functional_call`` through :meth:`CurvatureProblem.output`.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import vmap
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from nncurv.problem import Batch, CurvatureProblem
+
+__all__ = ["GridEvaluation", "evaluate_points", "Progress"]
+
+Metric = Callable[..., Tensor]
+
+
+class Progress:
+    """A progress bar: tqdm when installed (imported lazily), else a one-line stderr counter."""
+
+    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+        self.total, self.desc, self.enabled, self.count = total, desc, enabled, 0
+        self._bar: Any = None
+        self._t0 = time.perf_counter()
+        if enabled:
+            try:
+                from tqdm.auto import tqdm
+
+                self._bar = tqdm(total=total, desc=desc, leave=False, file=sys.stderr)
+            except ImportError:
+                self._bar = None
+
+    def update(self, n: int = 1) -> None:
+        """Advance by ``n`` steps."""
+        self.count += n
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.update(n)
+        else:
+            pct = 100.0 * self.count / max(self.total, 1)
+            sys.stderr.write(f"\r{self.desc}: {self.count}/{self.total} ({pct:3.0f}%)")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        """Finish the bar."""
+        if not self.enabled:
+            return
+        if self._bar is not None:
+            self._bar.close()
+        else:
+            sys.stderr.write(f"\r{self.desc}: done in {time.perf_counter() - self._t0:.1f}s\n")
+            sys.stderr.flush()
+
+
+@dataclass(frozen=True)
+class GridEvaluation:
+    """Raw values at the points, on the problem's device.
+
+    Attributes:
+        loss: ``(P,)`` data-set loss at each point.
+        metrics: Name → ``(P,)`` sample-weighted mean of each metric.
+        vectorized: Whether vmap was used (``False`` after a fallback to the loop).
+        num_evaluations: Forward passes over a batch spent (one per point and batch, twice
+            with BatchNorm recalibration).
+    """
+
+    loss: Tensor
+    metrics: dict[str, Tensor]
+    vectorized: bool
+    num_evaluations: int
+
+
+def _bn_modules(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, _BatchNorm) and m.running_mean is not None:
+            out.append((name + "." if name else "", m))
+    return out
+
+
+def _point(
+    center: Mapping[str, Tensor], dirs: Sequence[Mapping[str, Tensor]], c: Tensor
+) -> dict[str, Tensor]:
+    out = {}
+    for n, t in center.items():
+        p = t
+        for j, d in enumerate(dirs):
+            p = p + c[j] * d[n]
+        out[n] = p
+    return out
+
+
+class _Evaluator:
+    def __init__(
+        self,
+        problem: CurvatureProblem,
+        center: Mapping[str, Tensor],
+        dirs: Sequence[Mapping[str, Tensor]],
+        metrics: Mapping[str, Metric],
+        vectorize: bool | str,
+    ) -> None:
+        self.problem, self.center, self.dirs, self.metrics = problem, center, dirs, metrics
+        self.use_vmap = vectorize is True or vectorize == "auto"
+        self.strict = vectorize is True
+        self.fell_back = False
+        self.evals = 0
+
+    def run(
+        self,
+        fn: Callable[[Tensor, dict[str, Tensor]], Tensor],
+        C: Tensor,
+        extra: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """``fn(row, extra_row)`` over the rows of ``C`` (vmapped when possible), stacked."""
+        self.evals += C.shape[0]
+        extra = extra or {}
+        if self.use_vmap:
+            try:
+                return vmap(fn, randomness="same")(C, extra)
+            except (RuntimeError, NotImplementedError, ValueError) as err:
+                if self.strict:
+                    raise
+                self.use_vmap, self.fell_back = False, True
+                warnings.warn(
+                    f"landscape: vmap over grid points failed ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:160]}); evaluating point by point",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        rows = [fn(C[i], {key: t[i] for key, t in extra.items()}) for i in range(C.shape[0])]
+        return torch.stack(rows)
+
+    def values_fn(self, batch: Batch, frac: float) -> Callable[[Tensor, dict[str, Tensor]], Tensor]:
+        problem, metrics = self.problem, self.metrics
+
+        def f(c: Tensor, bn_state: dict[str, Tensor]) -> Tensor:
+            p = _point(self.center, self.dirs, c)
+            p.update(bn_state)
+            out = problem.output(p, batch)
+            vals = [(problem.output_loss(out, batch) * batch.weight).to(problem.dtype)]
+            for m in metrics.values():
+                v = m(out) if batch.targets is None else m(out, batch.targets)
+                if not isinstance(v, Tensor):
+                    v = torch.as_tensor(v, device=problem.device)
+                vals.append(v.to(problem.dtype).reshape(()) * frac)
+            return torch.stack(vals)
+
+        return f
+
+
+def _chunks(P: int, size: int) -> Iterator[slice]:
+    for s in range(0, P, size):
+        yield slice(s, min(s + size, P))
+
+
+def _bn_stats(
+    ev: _Evaluator,
+    C: Tensor,
+    chunk_size: int,
+    bns: list[tuple[str, _BatchNorm]],
+    progress: Progress,
+) -> dict[str, Tensor]:
+    """Per-point BatchNorm running statistics over the data, ``(P, channels)`` per buffer."""
+    problem = ev.problem
+    P = C.shape[0]
+    dt = problem.dtype
+    total = {
+        f"{pre}{k}": torch.zeros(P, m.num_features, dtype=dt, device=problem.device)
+        for pre, m in bns
+        for k in ("running_mean", "running_var")
+    }
+    for m in (m for _, m in bns):
+        m.training = True  # restored by problem.evaluating()
+    local = sum(problem.batch_sizes)
+    for batch in problem.batches():
+        for sl in _chunks(P, chunk_size):
+
+            def f(c: Tensor, _: dict[str, Tensor], batch: Batch = batch) -> Tensor:
+                p = _point(ev.center, ev.dirs, c)
+                fresh: dict[str, Tensor] = {}
+                for pre, m in bns:
+                    zeros = torch.zeros(m.num_features, dtype=dt, device=problem.device) + 0 * c[0]
+                    fresh[pre + "running_mean"] = zeros
+                    fresh[pre + "running_var"] = zeros.clone()
+                    fresh[pre + "num_batches_tracked"] = torch.zeros(
+                        (), dtype=torch.long, device=problem.device
+                    )
+                problem.output({**p, **fresh}, batch)
+                parts = []
+                for pre, m in bns:
+                    factor = 1.0 if m.momentum is None else float(m.momentum)
+                    parts.append(fresh[pre + "running_mean"] / factor)
+                    parts.append(fresh[pre + "running_var"] / factor)
+                return torch.cat(parts)
+
+            flat = ev.run(f, C[sl])
+            off = 0
+            for pre, m in bns:
+                k = m.num_features
+                total[pre + "running_mean"][sl] += flat[:, off : off + k] * (batch.size / local)
+                total[pre + "running_var"][sl] += flat[:, off + k : off + 2 * k] * (
+                    batch.size / local
+                )
+                off += 2 * k
+            progress.update(sl.stop - sl.start)
+    for m in (m for _, m in bns):
+        m.training = False
+    if problem.distributed:
+        world_local = torch.tensor(float(local), device=problem.device)
+        problem.all_reduce(world_local)
+        for t in total.values():
+            t.mul_(local)
+            problem.all_reduce(t)
+            t.div_(world_local)
+    return total
+
+
+def evaluate_points(
+    problem: CurvatureProblem,
+    center: Mapping[str, Tensor],
+    directions: Sequence[Mapping[str, Tensor]],
+    coefficients: Tensor,
+    *,
+    metrics: Mapping[str, Metric] | None = None,
+    chunk_size: int = 32,
+    vectorize: bool | str = "auto",
+    recalibrate_bn: bool = False,
+    progress: bool = False,
+    desc: str = "landscape",
+) -> GridEvaluation:
+    """Loss and metrics at ``center + coefficients @ directions`` for every row of coefficients.
+
+    Args:
+        problem: The model, loss and data.
+        center: Parameter dict of the origin.
+        directions: ``k`` parameter dicts.
+        coefficients: ``(P, k)`` tensor.
+        metrics: Name → ``metric(outputs, targets) -> scalar`` (a batch mean); averaged over
+            the data with sample weights.
+        chunk_size: Points per vectorised call.
+        vectorize: ``"auto"`` (vmap, loop on failure), ``True`` (vmap, errors propagate) or
+            ``False`` (loop).
+        recalibrate_bn: Recompute BatchNorm running statistics on the data at every point.
+        progress: Show a progress bar.
+        desc: Its label.
+
+    Returns:
+        A :class:`GridEvaluation`.
+    """
+    metrics = dict(metrics or {})
+    P, k = coefficients.shape
+    C = coefficients.to(device=problem.device, dtype=problem.dtype)
+    ev = _Evaluator(problem, center, directions, metrics, vectorize)
+    bns = _bn_modules(problem.model) if recalibrate_bn else []
+    nb = problem.num_batches
+    bar = Progress(P * nb * (2 if bns else 1), desc, progress)
+    acc = torch.zeros(P, 1 + len(metrics), dtype=problem.dtype, device=problem.device)
+    N = problem.num_samples
+    try:
+        with problem.evaluating(), torch.no_grad():
+            stats = _bn_stats(ev, C, chunk_size, bns, bar) if bns else None
+            for batch in problem.batches():
+                for sl in _chunks(P, chunk_size):
+                    sub = {key: t[sl] for key, t in stats.items()} if stats else None
+                    fn = ev.values_fn(batch, batch.size / N)
+                    acc[sl] += ev.run(fn, C[sl], sub)
+                    bar.update(sl.stop - sl.start)
+    finally:
+        bar.close()
+    acc = problem.all_reduce(acc)
+    names = list(metrics)
+    return GridEvaluation(
+        loss=acc[:, 0],
+        metrics={n: acc[:, 1 + i] for i, n in enumerate(names)},
+        vectorized=ev.use_vmap and not ev.fell_back,
+        num_evaluations=ev.evals,
+    )

@@ -1,0 +1,437 @@
+"""Loss-landscape slices: closed forms, Taylor error order, filter normalisation, invariance, BN."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from nncurv import CurvatureProblem
+from nncurv.landscape import (
+    Direction,
+    LandscapeSlice,
+    accuracy,
+    eigenvector_directions,
+    filter_normalize,
+    gradient_direction,
+    interpolation_direction,
+    plot_slice,
+    plot_slices,
+    random_direction,
+    slice_1d,
+    slice_2d,
+    slices_to_tensorboard,
+    user_direction,
+)
+
+DT = torch.float64
+
+
+def _regression(device: torch.device, n: int = 40, d: int = 5, at_minimum: bool = True):
+    """Linear least squares: L(w) = mean((Xw - y)^2) is exactly quadratic, H = 2 XᵀX / N."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(n, d, generator=g, dtype=DT) * torch.linspace(0.5, 2.0, d, dtype=DT)
+    y = X @ torch.randn(d, 1, generator=g, dtype=DT) + 0.3 * torch.randn(
+        n, 1, generator=g, dtype=DT
+    )
+    model = nn.Linear(d, 1, bias=False).to(device=device, dtype=DT)
+    if at_minimum:
+        w = torch.linalg.lstsq(X, y).solution
+        with torch.no_grad():
+            model.weight.copy_(w.T)
+    X, y = X.to(device), y.to(device)
+    H = 2 * X.T @ X / n
+    return model, (X, y), H
+
+
+def _mlp(
+    device: torch.device, seed: int = 0
+) -> tuple[nn.Module, tuple[torch.Tensor, torch.Tensor]]:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(device=device, dtype=DT)
+    g = torch.Generator().manual_seed(seed + 1)
+    X = torch.randn(30, 4, generator=g, dtype=DT).to(device)
+    y = torch.randint(0, 3, (30,), generator=g).to(device)
+    return model, (X, y)
+
+
+class BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3)
+        self.bn = nn.BatchNorm2d(3)
+        self.fc = nn.Linear(3 * 4 * 4, 3)
+        self.bn1 = nn.BatchNorm1d(3, momentum=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn(self.conv(x)))
+        return self.bn1(self.fc(h.flatten(1)))
+
+
+def _bn_setup(device: torch.device):
+    torch.manual_seed(3)
+    model = BNNet().to(device=device, dtype=DT)
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(48, 1, 6, 6, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (48,), generator=g)
+    model.train()
+    with torch.no_grad():  # give the running statistics non-trivial values
+        for i in range(0, 48, 16):
+            model(X[i : i + 16].to(device))
+    loader = [(X[i : i + 16].to(device), y[i : i + 16].to(device)) for i in range(0, 48, 16)]
+    return model, loader
+
+
+# ---------------------------------------------------------------------------------- closed forms
+def test_quadratic_slices_along_eigenvectors_are_half_lambda_t_squared(device):
+    model, data, H = _regression(device)
+    problem = CurvatureProblem(model, nn.MSELoss(), data)
+    dirs = eigenvector_directions(problem, k=3, tol=1e-12)
+    exact = torch.linalg.eigvalsh(H.cpu()).flip(0)[:3]
+    t = np.linspace(-2.0, 2.0, 41)
+    for i, d in enumerate(dirs):
+        lam = d.info.eigenvalue
+        assert lam is not None and math.isclose(lam, float(exact[i]), rel_tol=1e-10)
+        assert math.isclose(d.info.norm, 1.0, rel_tol=1e-12)
+        s = slice_1d(problem, d, steps=t)
+        # at the least-squares minimum g = 0, so the slice is exactly ½λt²
+        np.testing.assert_allclose(s.loss - s.center_loss, 0.5 * lam * t**2, rtol=1e-9, atol=1e-12)
+        tm = s.taylor
+        assert tm is not None
+        np.testing.assert_allclose(tm.predicted, s.loss, rtol=1e-11, atol=1e-13)
+        assert math.isclose(tm.curvature, lam, rel_tol=1e-10)
+        assert abs(tm.slope) < 1e-10
+        assert tm.valid_range == (t[0], t[-1])  # exact everywhere
+        assert abs(tm.best_step) <= t[1] - t[0]
+
+
+def test_quadratic_taylor_exact_away_from_minimum_and_cauchy_step(device):
+    model, data, H = _regression(device, at_minimum=False)
+    problem = CurvatureProblem(model, nn.MSELoss(), data)
+    _, g = problem.loss_and_gradient()
+    eps_star = float(g @ g / (g @ H @ g))
+    # unnormalised -g: the slice coordinate is a learning rate
+    d = gradient_direction(problem, normalize=False)
+    steps = np.linspace(0.0, 2.5 * eps_star, 501)
+    s = slice_1d(problem, d, steps=steps)
+    tm = s.taylor
+    assert tm is not None and tm.epsilon_star is not None and tm.best_learning_rate is not None
+    np.testing.assert_allclose(tm.predicted, s.loss, rtol=1e-10)
+    assert math.isclose(tm.epsilon_star, eps_star, rel_tol=1e-10)
+    # on a quadratic the exact line minimum along -g is the Cauchy step ε*
+    assert abs(tm.best_learning_rate - eps_star) <= steps[1] - steps[0]
+    assert math.isclose(tm.quadratic_step, eps_star, rel_tol=1e-10)
+    # unit-norm gradient: same ε* in learning-rate units
+    du = gradient_direction(problem)
+    su = slice_1d(problem, du, steps=np.linspace(0, 2.5 * eps_star * float(g.norm()), 301))
+    assert su.taylor is not None and su.taylor.epsilon_star is not None
+    assert math.isclose(su.taylor.epsilon_star, eps_star, rel_tol=1e-10)
+    assert math.isclose(du.info.norm, 1.0, rel_tol=1e-12)
+
+
+def test_taylor_error_falls_like_t_cubed_on_a_network(device):
+    model, data = _mlp(device)
+    problem = CurvatureProblem(model, nn.CrossEntropyLoss(), data)
+    d = random_direction(problem, seed=5)
+    h = np.array([0.08, 0.04, 0.02, 0.01, 0.005])
+    s = slice_1d(problem, d, steps=np.concatenate([-h, h]))
+    tm = s.taylor
+    assert tm is not None
+    err = tm.abs_error[len(h) :]
+    orders = np.log2(err[:-1] / err[1:])  # error(h) / error(h/2) = 2^3 for a cubic remainder
+    assert np.all(np.abs(orders - 3.0) < 0.25), orders
+    # the second-order model beats the first-order one near 0
+    first = tm.value + tm.slope * h
+    assert np.all(err < np.abs(first - s.loss[len(h) :]))
+
+
+# ----------------------------------------------------------------------------- directions
+def test_filter_normalisation_matches_filter_norms():
+    torch.manual_seed(0)
+    conv, lin, bn = nn.Conv2d(3, 5, 3), nn.Linear(7, 4), nn.BatchNorm1d(4)
+    params = {
+        "c.weight": conv.weight.detach().double(),
+        "c.bias": conv.bias.detach().double(),
+        "l.weight": lin.weight.detach().double(),
+        "bn.weight": bn.weight.detach().double() * 1.7,
+    }
+    g = torch.Generator().manual_seed(1)
+    raw = {n: torch.randn(p.shape, generator=g, dtype=DT) for n, p in params.items()}
+    out = filter_normalize(raw, params)
+    for n in ("c.weight", "l.weight"):
+        p, d = params[n], out[n]
+        pn = p.reshape(p.shape[0], -1).norm(dim=1)
+        dn = d.reshape(d.shape[0], -1).norm(dim=1)
+        torch.testing.assert_close(dn, pn, rtol=1e-12, atol=0)
+        # only rescaled: every filter keeps its direction
+        cos = (d * raw[n]).reshape(d.shape[0], -1).sum(1) / (
+            dn * raw[n].reshape(d.shape[0], -1).norm(dim=1)
+        )
+        torch.testing.assert_close(cos, torch.ones_like(cos), rtol=1e-12, atol=1e-12)
+    assert out["c.bias"].abs().sum() == 0 and out["bn.weight"].abs().sum() == 0
+    kept = filter_normalize(raw, params, ignore_1d=False)
+    assert math.isclose(float(kept["c.bias"].norm()), float(params["c.bias"].norm()), rel_tol=1e-12)
+    layer = filter_normalize(raw, params, normalization="layer")
+    assert math.isclose(
+        float(layer["c.weight"].norm()), float(params["c.weight"].norm()), rel_tol=1e-12
+    )
+    model_n = filter_normalize(raw, params, normalization="model")
+    tot = math.sqrt(sum(float(model_n[n].norm()) ** 2 for n in model_n))
+    ref = math.sqrt(sum(float(params[n].norm()) ** 2 for n in ("c.weight", "l.weight")))
+    assert math.isclose(tot, ref, rel_tol=1e-12)
+    assert torch.equal(raw["c.weight"], raw["c.weight"].clone())  # input untouched (no in-place)
+    with pytest.raises(ValueError, match="normalization"):
+        filter_normalize(raw, params, normalization="batch")  # type: ignore[arg-type]
+
+
+def test_random_direction_is_seeded_and_on_device(device):
+    model, data = _mlp(device)
+    problem = CurvatureProblem(model, nn.CrossEntropyLoss(), data)
+    a, b, c = (random_direction(problem, seed=s) for s in (1, 1, 2))
+    for n in problem.param_names:
+        assert a.vector[n].device.type == device.type and a.vector[n].dtype == DT
+        assert torch.equal(a.vector[n], b.vector[n])
+    assert not torch.equal(a.vector["0.weight"], c.vector["0.weight"])
+    w = problem.params["0.weight"]
+    torch.testing.assert_close(a.vector["0.weight"].norm(dim=1), w.norm(dim=1))
+
+
+def test_interpolation_reaches_the_other_parameters_and_user_direction(device):
+    model, data = _mlp(device, seed=0)
+    other, _ = _mlp(device, seed=7)
+    problem = CurvatureProblem(model, nn.CrossEntropyLoss(), data)
+    d = interpolation_direction(problem, other)
+    s = slice_1d(problem, d, steps=[0.0, 0.5, 1.0], taylor=False)
+    ref_b = nn.functional.cross_entropy(other(data[0]), data[1]).item()
+    ref_a = nn.functional.cross_entropy(model(data[0]), data[1]).item()
+    assert math.isclose(s.loss[2], ref_b, rel_tol=1e-12)
+    assert math.isclose(s.loss[0], ref_a, rel_tol=1e-12)
+    # the same line given as a user direction (state dict of differences)
+    diff = {n: (p - model.state_dict()[n]) for n, p in other.state_dict().items()}
+    u = user_direction(problem, diff, label="diff")
+    su = slice_1d(problem, u, steps=[0.0, 0.5, 1.0], taylor=False)
+    np.testing.assert_allclose(su.loss, s.loss, rtol=1e-12)
+    with pytest.raises(ValueError, match="shape"):
+        user_direction(problem, {**diff, "0.weight": torch.zeros(2, 2, dtype=DT)})
+
+
+# ----------------------------------------------------------------------------- evaluation
+def test_2d_grid_matches_direct_evaluation_on_a_loader_with_sum_reduction(device):
+    model, (X, y) = _mlp(device)
+    loader = [(X[:13], y[:13]), (X[13:], y[13:])]  # unequal batches
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    problem = CurvatureProblem(model, loss_fn, loader, reduction="sum")
+    dx, dy = random_direction(problem, seed=1), random_direction(problem, seed=2)
+    s = slice_2d(
+        problem,
+        dx,
+        dy,
+        steps=(4, 3),
+        span=((-0.5, 1.0), (-1.0, 1.0)),
+        metrics={"acc": accuracy},
+        chunk_size=5,
+    )
+    assert s.loss.shape == (4, 3) and s.vectorized
+    for i, a in enumerate(s.axes[0]):
+        for j, b in enumerate(s.axes[1]):
+            p = {n: problem.params[n] + a * dx.vector[n] + b * dy.vector[n] for n in problem.params}
+            out = torch.func.functional_call(model, p, (X,))
+            ref = loss_fn(out, y)
+            assert math.isclose(s.loss[i, j], float(ref), rel_tol=1e-12)
+            assert math.isclose(s.metrics["acc"][i, j], float(accuracy(out, y)), rel_tol=1e-12)
+    loop = slice_2d(problem, dx, dy, steps=(4, 3), span=((-0.5, 1.0), (-1.0, 1.0)), vectorize=False)
+    assert not loop.vectorized
+    np.testing.assert_allclose(loop.loss, s.loss, rtol=1e-12)
+    assert math.isclose(s.center_loss, float(problem.loss()), rel_tol=1e-12)
+
+
+def test_nonfinite_values_are_reported():
+    model, data = _mlp(torch.device("cpu"))
+    problem = CurvatureProblem(model, nn.CrossEntropyLoss(), data)
+    d = user_direction(problem, {n: torch.full_like(p, 1e308) for n, p in problem.params.items()})
+    s = slice_1d(problem, d, steps=[0.0, 1.0], taylor=False)
+    assert s.num_nonfinite == 1 and not s.finite and np.isfinite(s.loss[0])
+
+
+# ----------------------------------------------------------------------------- invariance
+def _snapshot(model: nn.Module):
+    return (
+        {n: p.detach().clone() for n, p in model.named_parameters()},
+        {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        {n: b.clone() for n, b in model.named_buffers()},
+        {n: m.training for n, m in model.named_modules()},
+        torch.get_rng_state(),
+    )
+
+
+def _assert_same(before, after) -> None:
+    for a, b in zip(before[:3], after[:3]):
+        assert a.keys() == b.keys()
+        for k in a:
+            if a[k] is None:
+                assert b[k] is None, k
+            else:
+                assert torch.equal(a[k], b[k]), k
+    assert before[3] == after[3]
+    assert torch.equal(before[4], after[4])
+
+
+def test_model_grad_buffers_modes_and_rng_are_untouched(device):
+    model, loader = _bn_setup(device)
+    model.train()
+    model.bn.eval()  # mixed flags must survive too
+    out = model(loader[0][0])
+    nn.functional.cross_entropy(out, loader[0][1]).backward()
+    torch.manual_seed(123)
+    before = _snapshot(model)
+    problem = CurvatureProblem(model, nn.CrossEntropyLoss(), loader)
+    d1, d2 = random_direction(problem, seed=1), random_direction(problem, seed=2)
+    eig = eigenvector_directions(problem, k=1, tol=1e-6)[0]
+    gd = gradient_direction(problem)
+    slice_1d(problem, eig, steps=5, metrics={"acc": accuracy}, recalibrate_bn=True)
+    slice_1d(problem, gd, steps=5)
+    slice_2d(problem, d1, d2, steps=3, recalibrate_bn=True)
+    slice_2d(problem, d1, d2, steps=3, vectorize=False, recalibrate_bn=True)
+    interpolation_direction(problem, copy.deepcopy(model))
+    _assert_same(before, _snapshot(model))
+
+
+# ----------------------------------------------------------------------------- BatchNorm
+def _reference_losses(model, loader, points, recalibrate: bool) -> list[float]:
+    """The loss-landscapes way: copy the model, load each point's parameters, evaluate."""
+    from torch.optim.swa_utils import update_bn
+
+    N = sum(len(y) for _, y in loader)
+    out = []
+    for p in points:
+        m = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, t in m.named_parameters():
+                t.copy_(p[n])
+        if recalibrate:
+            update_bn([x for x, _ in loader], m)  # equal batch sizes: same as weighting by size
+        m.eval()
+        with torch.no_grad():
+            out.append(
+                sum(float(nn.functional.cross_entropy(m(x), y)) * len(y) / N for x, y in loader)
+            )
+    return out
+
+
+@pytest.mark.parametrize("recalibrate", [False, True], ids=["running-stats", "recalibrated"])
+def test_batchnorm_with_and_without_recalibration(device, recalibrate):
+    model, loader = _bn_setup(device)
+    model.eval()
+    problem = CurvatureProblem(model, nn.CrossEntropyLoss(), loader)
+    d = random_direction(problem, seed=9)
+    t = [-0.6, 0.0, 0.4, 1.0]
+    s = slice_1d(problem, d, steps=t, taylor=False, recalibrate_bn=recalibrate, chunk_size=3)
+    points = [{n: problem.params[n] + ti * d.vector[n] for n in problem.params} for ti in t]
+    ref = _reference_losses(model, loader, points, recalibrate)
+    np.testing.assert_allclose(s.loss, ref, rtol=1e-10)
+    assert s.recalibrated_bn is recalibrate and s.vectorized
+    loop = slice_1d(problem, d, steps=t, taylor=False, recalibrate_bn=recalibrate, vectorize=False)
+    np.testing.assert_allclose(loop.loss, s.loss, rtol=1e-12)
+    if recalibrate:  # recalibration changes the values at θ too (stale running stats)
+        other = slice_1d(problem, d, steps=t, taylor=False)
+        assert np.abs(other.loss - s.loss).max() > 1e-6
+
+
+def test_recalibration_needs_eval_batchnorm():
+    model, loader = _bn_setup(torch.device("cpu"))
+    problem = CurvatureProblem(model, nn.CrossEntropyLoss(), loader, batchnorm="batch")
+    with pytest.raises(ValueError, match="batchnorm='eval'"):
+        slice_1d(problem, random_direction(problem), recalibrate_bn=True)
+
+
+# ----------------------------------------------------------------------------- results I/O
+@pytest.mark.parametrize("suffix", [".npz", ".json"])
+def test_save_and_load_round_trip(tmp_path, suffix):
+    model, data = _mlp(torch.device("cpu"))
+    problem = CurvatureProblem(model, nn.CrossEntropyLoss(), data)
+    d = gradient_direction(problem)
+    s1 = slice_1d(problem, d, steps=7, span=(-0.5, 1.0), metrics={"acc": accuracy})
+    s2 = slice_2d(problem, d, random_direction(problem), steps=(3, 4))
+    for s in (s1, s2):
+        path = s.save(tmp_path / f"s{s.ndim}{suffix}")
+        back = LandscapeSlice.load(path)
+        assert back.directions == s.directions
+        for a, b in zip(back.axes, s.axes):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(back.loss, s.loss)
+        assert back.metrics.keys() == s.metrics.keys()
+        assert back.center_loss == s.center_loss and back.wall_time == s.wall_time
+        if s.taylor is not None:
+            assert back.taylor is not None
+            np.testing.assert_array_equal(back.taylor.predicted, s.taylor.predicted)
+            assert back.taylor.epsilon_star == s.taylor.epsilon_star
+            assert back.taylor.valid_range == s.taylor.valid_range
+    json.loads((tmp_path / "s1.json").read_text()) if suffix == ".json" else None
+    with pytest.raises(ValueError, match="npz or .json"):
+        s1.save(tmp_path / "x.txt")
+
+
+# ----------------------------------------------------------------------------- plots
+def test_plots_and_tensorboard(tmp_path):
+    pytest.importorskip("matplotlib")
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model, data = _mlp(torch.device("cpu"))
+    problem = CurvatureProblem(model, nn.CrossEntropyLoss(), data)
+    d1, d2 = random_direction(problem, seed=1), random_direction(problem, seed=2)
+    s1 = slice_1d(problem, d1, steps=11)
+    s2 = slice_2d(problem, d1, d2, steps=5)
+    fig = plot_slice(s1)
+    labels = [line.get_label() for line in fig.axes[0].get_lines()]
+    assert "loss" in labels and "2nd-order Taylor" in labels
+    np.testing.assert_array_equal(fig.axes[0].get_lines()[0].get_ydata(), s1.loss)
+    assert len(plot_slice(s2).axes) == 2  # contour + colour bar
+    assert plot_slice(s2, kind="surface").axes[0].name == "3d"
+    assert len(plot_slices([s1, s2]).axes) == 3
+    with pytest.raises(ValueError, match="does not fit"):
+        plot_slice(s1, kind="contour")
+    tags = slices_to_tensorboard({"line": s1, "plane": s2}, tmp_path / "tb", surface=True)
+    acc = EventAccumulator(str(tmp_path / "tb"), size_guidance={"images": 0})
+    acc.Reload()
+    assert (
+        sorted(acc.Tags()["images"])
+        == sorted(tags)
+        == sorted(["landscape/line", "landscape/plane", "landscape/plane_surface"])
+    )
+    img = acc.Images("landscape/line")[0]
+    assert img.width > 100 and img.height > 100
+
+
+# ----------------------------------------------------------------------------- bad input
+def test_bad_inputs_raise_before_work():
+    model, data = _mlp(torch.device("cpu"))
+    problem = CurvatureProblem(model, nn.CrossEntropyLoss(), data)
+    d = random_direction(problem)
+    with pytest.raises(TypeError, match="CurvatureProblem"):
+        slice_1d(model, d)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="Direction"):
+        slice_1d(problem, d.vector)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="steps"):
+        slice_1d(problem, d, steps=1)
+    with pytest.raises(ValueError, match="span"):
+        slice_1d(problem, d, span=(1.0, -1.0))
+    with pytest.raises(ValueError, match="chunk_size"):
+        slice_1d(problem, d, chunk_size=0)
+    with pytest.raises(TypeError, match="not callable"):
+        slice_1d(problem, d, metrics={"acc": 3})  # type: ignore[dict-item]
+    with pytest.raises(ValueError, match="normalization"):
+        random_direction(problem, normalization="unit")  # type: ignore[arg-type]
+    sub = problem.with_params("0.*")
+    with pytest.raises(ValueError, match="does not match"):
+        slice_1d(sub, d)
+    with pytest.raises(TypeError, match="other"):
+        interpolation_direction(problem, 3)
+    bad = Direction({n: t for n, t in d.vector.items() if n != "0.bias"}, d.info)
+    with pytest.raises(ValueError, match="does not match"):
+        slice_2d(problem, d, bad)
