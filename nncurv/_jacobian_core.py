@@ -26,6 +26,7 @@ from nncurv._state import apply_module_policy, untouched
 __all__ = [
     "Wrt",
     "JacobianMode",
+    "Vectorize",
     "PerSampleJacobian",
     "DenseBatchedJacobian",
     "per_sample_jacobian",
@@ -36,6 +37,7 @@ __all__ = [
 
 Wrt = Literal["input", "layer_input"]
 JacobianMode = Literal["auto", "rev", "fwd"]
+Vectorize = Literal["vmap", "batch"]
 
 
 class _Stop(Exception):
@@ -155,6 +157,14 @@ class PerSampleJacobian:
         eye = torch.eye(self.in_dim, dtype=self.dtype, device=self.device)
         return self.matmat(eye.expand(self.batch, -1, -1))
 
+    def evaluate(self, Z: Tensor | None = None) -> Tensor:
+        """Return the flattened outputs ``(B, m)`` at points ``Z`` (``(B, n)``; default: base)."""
+        raise NotImplementedError
+
+    def base_points(self) -> Tensor:
+        """Return the flattened points ``(B, n)`` where the Jacobians are taken."""
+        raise NotImplementedError
+
     def _matmat(self, V: Tensor) -> Tensor:
         raise NotImplementedError
 
@@ -211,9 +221,13 @@ class _FunctionalJacobian(PerSampleJacobian):
         self.points = points  # (B, n)
         self.extras = extras
 
-    def value(self) -> Tensor:
-        """Return the per-sample outputs ``(B, m)``."""
-        return vmap(self.fn)(self.points, *self.extras)
+    def evaluate(self, Z: Tensor | None = None) -> Tensor:
+        """Return the flattened outputs ``(B, m)`` at points ``Z`` (default: base points)."""
+        return vmap(self.fn)(self.points if Z is None else Z, *self.extras)
+
+    def base_points(self) -> Tensor:
+        """Return the flattened points ``(B, n)``."""
+        return self.points
 
     def _matmat(self, V: Tensor) -> Tensor:
         fn = self.fn
@@ -243,6 +257,81 @@ class _FunctionalJacobian(PerSampleJacobian):
         transform = jacfwd if mode == "fwd" else jacrev
         self.num_products += self.in_dim if mode == "fwd" else self.out_dim
         return vmap(transform(self.fn, argnums=0))(self.points, *self.extras)
+
+
+class _BatchedAutogradJacobian(PerSampleJacobian):
+    """Per-sample products through plain autograd on the whole batch (no ``vmap``).
+
+    ``J_b^T u_b`` for all samples is one backward pass of ``sum_b u_b^T g(x_b)``, and ``J_b v_b``
+    one forward-mode pass: exact as long as the model treats samples independently (true for
+    every standard layer once BatchNorm is in eval mode), with far less overhead than ``vmap``.
+    """
+
+    def __init__(self, batched: Callable[[Tensor], Tensor], x: Tensor, keep_graph: bool) -> None:
+        self.x = x if x.requires_grad else x.detach().requires_grad_(True)
+        self.h = batched(self.x)
+        if self.h.ndim < 1 or self.h.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"the output has shape {tuple(self.h.shape)}; expected the batch dimension "
+                f"{x.shape[0]} first"
+            )
+        super().__init__(
+            batch=x.shape[0],
+            in_shape=tuple(x.shape[1:]),
+            out_shape=tuple(self.h.shape[1:]),
+            dtype=x.dtype,
+            device=x.device,
+        )
+        self.batched = batched
+        self.keep_graph = keep_graph
+
+    def evaluate(self, Z: Tensor | None = None) -> Tensor:
+        """Return the flattened outputs ``(B, m)`` at points ``Z`` (default: base points)."""
+        if Z is None:
+            return self.h.reshape(self.batch, -1)
+        return self.batched(Z.reshape(self.x.shape)).reshape(self.batch, -1)
+
+    def base_points(self) -> Tensor:
+        """Return the flattened points ``(B, n)``."""
+        return self.x.reshape(self.batch, -1)
+
+    def _rmatmat(self, U: Tensor) -> Tensor:
+        k = U.shape[-1]
+        cot = U.movedim(-1, 0).reshape(k, *self.h.shape).to(self.h.dtype)
+        if k == 1:
+            (g,) = torch.autograd.grad(
+                self.h, self.x, cot[0], create_graph=self.keep_graph, retain_graph=True
+            )
+            return g.reshape(self.batch, -1, 1)
+        (G,) = torch.autograd.grad(  # k backward passes vectorised with vmap
+            self.h,
+            self.x,
+            cot,
+            create_graph=self.keep_graph,
+            retain_graph=True,
+            is_grads_batched=True,
+        )
+        return G.reshape(k, self.batch, -1).movedim(0, -1)
+
+    def _matmat(self, V: Tensor) -> Tensor:
+        import torch.autograd.forward_ad as fwAD
+
+        cols = []
+        x = self.x if self.keep_graph else self.x.detach()
+        for i in range(V.shape[-1]):
+            with fwAD.dual_level():
+                out = self.batched(fwAD.make_dual(x, V[..., i].reshape(x.shape).to(x.dtype)))
+                tangent = fwAD.unpack_dual(out).tangent
+            if tangent is None:  # the output does not depend on the input
+                tangent = torch.zeros_like(out)
+            cols.append(tangent.reshape(self.batch, -1))
+        return torch.stack(cols, dim=-1)
+
+    def dense(self, mode: JacobianMode = "auto") -> Tensor:
+        if self.out_dim <= self.in_dim:
+            eye = torch.eye(self.out_dim, dtype=self.dtype, device=self.device)
+            return self.rmatmat(eye.expand(self.batch, -1, -1)).transpose(1, 2)
+        return super().dense(mode)
 
 
 # --------------------------------------------------------------------------- model plumbing
@@ -344,7 +433,8 @@ def per_sample_jacobian(
     layer: str | nn.Module | None = None,
     wrt: Wrt = "input",
     keep_graph: bool | None = None,
-) -> Iterator[_FunctionalJacobian]:
+    vectorize: Vectorize = "vmap",
+) -> Iterator[PerSampleJacobian]:
     """Yield the per-sample Jacobians of ``layer``'s output, with the model left untouched.
 
     Inside the block the model runs with BatchNorm in eval mode and dropout off (per-sample
@@ -361,20 +451,32 @@ def per_sample_jacobian(
             ones are held fixed per sample).
         keep_graph: Whether results stay differentiable with respect to the model parameters;
             default: when gradients are enabled and some parameter requires them.
+        vectorize: ``"vmap"`` evaluates each sample on its own (per-sample by construction);
+            ``"batch"`` runs plain autograd on the whole batch (much less overhead; exact only if
+            the model treats samples independently; ``wrt="input"`` only).
     """
     x = check_input(x)
     name, module = resolve_layer(model, layer)
     where = f"layer {name!r} ({type(module).__name__})" if name else f"model {type(model).__name__}"
     if wrt not in ("input", "layer_input"):
         raise ValueError(f"wrt must be 'input' or 'layer_input', got {wrt!r}")
+    if vectorize not in ("vmap", "batch"):
+        raise ValueError(f"vectorize must be 'vmap' or 'batch', got {vectorize!r}")
+    if vectorize == "batch" and wrt != "input":
+        raise ValueError("vectorize='batch' supports wrt='input' only")
     if keep_graph is None:
         keep_graph = torch.is_grad_enabled() and any(p.requires_grad for p in model.parameters())
     with (
         untouched(model),
-        torch.set_grad_enabled(keep_graph or torch.is_grad_enabled()),
+        torch.set_grad_enabled(keep_graph or torch.is_grad_enabled() or vectorize == "batch"),
         sdpa_kernel(SDPBackend.MATH),  # fused attention kernels lack forward-mode AD
     ):
         apply_module_policy(model, batchnorm="eval", dropout="off")
+        if vectorize == "batch":
+            yield _BatchedAutogradJacobian(
+                _output_fn(model, module, where, keep_graph), x, keep_graph
+            )
+            return
         if wrt == "input" or module is model:
             batched = _output_fn(model, module, where, keep_graph)
             in_shape = tuple(x.shape[1:])

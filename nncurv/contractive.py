@@ -20,12 +20,13 @@ and dropout off; its flags, buffers and the global RNG are left untouched.
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from nncurv._jacobian_core import check_input, new_generator, per_sample_jacobian
+from nncurv._jacobian_core import Vectorize, check_input, new_generator, per_sample_jacobian
 from nncurv._jacobian_norms import Distribution, ProbeSide, choose_side, draw_probes
 from nncurv.jacobians import frobenius_from_operator
 
@@ -36,6 +37,7 @@ __all__ = [
     "higher_order_penalty",
     "sigmoid_closed_form",
     "ContractiveLoss",
+    "batch_products_are_per_sample",
 ]
 
 ContractiveMethod = Literal["auto", "closed_form", "exact", "hutchinson", "hutch++"]
@@ -85,7 +87,7 @@ def _closed_form_applies(encoder: nn.Module, x: Tensor) -> bool:
     return x.ndim == 2 or isinstance(encoder[0], nn.Flatten)  # type: ignore[index]
 
 
-def sigmoid_closed_form(encoder: nn.Module, x: Tensor) -> Tensor:
+def sigmoid_closed_form(encoder: nn.Module, x: Tensor, hidden: Tensor | None = None) -> Tensor:
     r"""Per-sample CAE penalty of a sigmoid encoder in closed form, shape ``(B,)``.
 
     For :math:`h = \mathrm{sigmoid}(W x + b)`, :math:`\partial h_j / \partial x_i = h_j (1 - h_j)
@@ -94,11 +96,15 @@ def sigmoid_closed_form(encoder: nn.Module, x: Tensor) -> Tensor:
     .. math::
         \|J_f(x)\|_F^2 = \sum_j \big(h_j (1 - h_j)\big)^2 \sum_i W_{ji}^2 .
 
-    Costs one extra ``Linear`` forward; the weights' gradient flows through both factors.
+    Costs one extra ``Linear`` forward, or nothing but element-wise work when the training step
+    passes the ``hidden`` units it already computed; the weights' gradient flows through both
+    factors.
 
     Args:
         encoder: ``nn.Sequential(nn.Linear, nn.Sigmoid)``, optionally led by ``nn.Flatten()``.
         x: Batch of inputs.
+        hidden: Optionally ``encoder(x)``, shape ``(B, d_h)``, as computed by the training step
+            (with its graph); it must be exactly the encoder's output for ``x``.
 
     Raises:
         ValueError: If the encoder has any other form (the formula holds for sigmoid only).
@@ -131,7 +137,15 @@ def sigmoid_closed_form(encoder: nn.Module, x: Tensor) -> Tensor:
             f"x has {x2.shape[1]} features per sample but the encoder's Linear expects "
             f"{lin.in_features}"
         )
-    h = torch.sigmoid(nn.functional.linear(x2, lin.weight, lin.bias))
+    if hidden is None:
+        h = torch.sigmoid(nn.functional.linear(x2, lin.weight, lin.bias))
+    else:
+        if not isinstance(hidden, Tensor) or tuple(hidden.shape) != (x.shape[0], lin.out_features):
+            raise ValueError(
+                f"hidden must be the encoder's output of shape {(x.shape[0], lin.out_features)}, "
+                f"got {getattr(hidden, 'shape', type(hidden).__name__)}"
+            )
+        h = hidden
     row_norms = lin.weight.square().sum(dim=1)  # sum_i W_ji^2: square first, then sum
     return (h * (1 - h)).square() @ row_norms
 
@@ -147,6 +161,8 @@ def contractive_penalty(
     reduction: Reduction = "mean",
     generator: torch.Generator | None = None,
     seed: int = 0,
+    hidden: Tensor | None = None,
+    vectorize: Vectorize = "vmap",
 ) -> Tensor:
     r"""The CAE penalty :math:`\|J_f(x)\|_F^2` of an encoder, reduced over the batch.
 
@@ -173,6 +189,11 @@ def contractive_penalty(
             probes at every call. Pass a generator that advances (or use
             :class:`ContractiveLoss`) when training.
         seed: Seed of the default generator.
+        hidden: Optionally ``encoder(x)`` from the training step, reused by the closed form to
+            save a forward pass (ignored by the other methods).
+        vectorize: ``"vmap"`` (each sample on its own, always correct) or ``"batch"`` (plain
+            autograd on the whole batch: much less overhead, exact when the encoder treats
+            samples independently; :class:`ContractiveLoss` checks that once and uses it).
 
     Returns:
         The reduced penalty, differentiable with respect to the encoder's parameters.
@@ -193,8 +214,8 @@ def contractive_penalty(
         )
     _check_common(reduction, num_probes)
     if method == "closed_form" or (method == "auto" and _closed_form_applies(encoder, x)):
-        return _reduce(sigmoid_closed_form(encoder, x), reduction)
-    with per_sample_jacobian(encoder, x) as op:
+        return _reduce(sigmoid_closed_form(encoder, x, hidden), reduction)
+    with per_sample_jacobian(encoder, x, vectorize=vectorize) as op:
         if method == "auto":
             method = "exact" if min(op.in_dim, op.out_dim) <= _EXACT_MAX_DIM else "hutchinson"
         res = frobenius_from_operator(
@@ -221,6 +242,7 @@ def higher_order_penalty(
     reduction: Reduction = "mean",
     generator: torch.Generator | None = None,
     seed: int = 0,
+    vectorize: Vectorize = "vmap",
 ) -> Tensor:
     r"""The CAE+H term :math:`\mathbb{E}_\varepsilon \|J_f(x) - J_f(x+\varepsilon)\|_F^2`.
 
@@ -242,6 +264,7 @@ def higher_order_penalty(
         reduction: ``"mean"``, ``"sum"`` or ``"none"``.
         generator: Source of corruptions and probes; default: seeded with ``seed``.
         seed: Seed of the default generator.
+        vectorize: ``"vmap"`` or ``"batch"`` (see :func:`contractive_penalty`).
 
     Returns:
         The reduced penalty, differentiable with respect to the encoder's parameters.
@@ -264,7 +287,7 @@ def higher_order_penalty(
     B, c = x.shape[0], num_corruptions
     noise = torch.randn((c, *x.shape), generator=gen, device=x.device, dtype=x.dtype)
     xs = torch.cat([x.detach().unsqueeze(0), x.detach() + sigma * noise]).reshape(-1, *x.shape[1:])
-    with per_sample_jacobian(encoder, xs) as op:
+    with per_sample_jacobian(encoder, xs, vectorize=vectorize) as op:
         if method == "exact":
             J = op.dense().reshape(c + 1, B, op.out_dim, op.in_dim)
             diff = J[1:] - J[:1]
@@ -284,6 +307,27 @@ def higher_order_penalty(
             prod = prod.reshape(c + 1, B, -1, num_probes)
             value = (prod[1:] - prod[:1]).square().sum(dim=2).mean(dim=(0, 2))
         return _reduce(value, reduction)
+
+
+def batch_products_are_per_sample(encoder: nn.Module, x: Tensor, *, rtol: float = 1e-4) -> bool:
+    """Whether batched autograd products of ``encoder`` equal per-sample (``vmap``) ones on ``x``.
+
+    One random vector-Jacobian product both ways (fixed seed, no gradient graph): ``False``
+    when the encoder lets samples influence each other, e.g. a custom layer normalising over
+    the batch.
+    """
+    x = check_input(x)
+    with torch.no_grad():
+        with per_sample_jacobian(encoder, x, keep_graph=False) as op:
+            gen = new_generator(x.device, None, 12345)
+            U = torch.randn(
+                (op.batch, op.out_dim, 1), generator=gen, device=x.device, dtype=x.dtype
+            )
+            ref = op.rmatmat(U)
+        with per_sample_jacobian(encoder, x, keep_graph=False, vectorize="batch") as op_b:
+            got = op_b.rmatmat(U)
+    scale = ref.abs().max().clamp_min(torch.finfo(ref.dtype).tiny)
+    return bool(((got - ref).abs() <= rtol * scale).all())
 
 
 class ContractiveLoss(nn.Module):
@@ -306,6 +350,11 @@ class ContractiveLoss(nn.Module):
         num_corruptions: Corruptions of the CAE+H term.
         reduction: ``"mean"`` or ``"sum"``.
         seed: Seed of the module's generator.
+        vectorize: How per-sample products are batched for the stochastic and exact methods:
+            ``"vmap"``, ``"batch"`` (plain autograd on the whole batch, much less overhead), or
+            ``"auto"``: ``"batch"`` once a one-off check on the first batch (of at least two
+            samples) shows that the encoder treats samples independently, else ``"vmap"``
+            with a warning.
 
     Example:
         >>> import torch
@@ -327,6 +376,7 @@ class ContractiveLoss(nn.Module):
         num_corruptions: int = 4,
         reduction: Literal["mean", "sum"] = "mean",
         seed: int = 0,
+        vectorize: Literal["auto", "vmap", "batch"] = "auto",
     ) -> None:
         super().__init__()
         if not weight >= 0 or not higher_order_weight >= 0:
@@ -338,6 +388,8 @@ class ContractiveLoss(nn.Module):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if method not in ("auto", "closed_form", "exact", "hutchinson", "hutch++"):
             raise ValueError(f"unknown method {method!r}")
+        if vectorize not in ("auto", "vmap", "batch"):
+            raise ValueError(f"vectorize must be 'auto', 'vmap' or 'batch', got {vectorize!r}")
         _check_common(reduction, num_probes)
         self.weight = float(weight)
         self.method: ContractiveMethod = method
@@ -347,17 +399,23 @@ class ContractiveLoss(nn.Module):
         self.num_corruptions = num_corruptions
         self.reduction: Reduction = reduction
         self.seed = seed
+        self.vectorize = vectorize
         self._generator: torch.Generator | None = None
+        self._checked: dict[int, Vectorize] = {}  # id(encoder) -> verified vectorisation
 
     def _gen(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device.type != device.type:
             self._generator = new_generator(device, None, self.seed)
         return self._generator
 
-    def forward(self, encoder: nn.Module, x: Tensor) -> Tensor:
-        """Return the weighted penalty of ``encoder`` on the batch ``x``."""
+    def forward(self, encoder: nn.Module, x: Tensor, hidden: Tensor | None = None) -> Tensor:
+        """Return the weighted penalty of ``encoder`` on the batch ``x``.
+
+        ``hidden`` (optional) is ``encoder(x)`` from the training step, reused by the closed form.
+        """
         x = check_input(x)
         gen = self._gen(x.device)
+        vec = self._vectorize(encoder, x)
         loss = self.weight * contractive_penalty(
             encoder,
             x,
@@ -365,6 +423,8 @@ class ContractiveLoss(nn.Module):
             num_probes=self.num_probes,
             reduction=self.reduction,
             generator=gen,
+            hidden=hidden,
+            vectorize=vec,
         )
         if self.higher_order_weight > 0:
             loss = loss + self.higher_order_weight * higher_order_penalty(
@@ -376,8 +436,27 @@ class ContractiveLoss(nn.Module):
                 num_probes=self.num_probes,
                 reduction=self.reduction,
                 generator=gen,
+                vectorize=vec,
             )
         return loss
+
+    def _vectorize(self, encoder: nn.Module, x: Tensor) -> Vectorize:
+        if self.vectorize != "auto":
+            return self.vectorize
+        if id(encoder) in self._checked:
+            return self._checked[id(encoder)]
+        if x.shape[0] < 2:
+            return "vmap"
+        ok = batch_products_are_per_sample(encoder, x[:4])
+        if not ok:
+            warnings.warn(
+                f"{type(encoder).__name__} mixes samples across the batch (its batched "
+                "Jacobian products differ from per-sample ones); ContractiveLoss uses "
+                "vectorize='vmap'",
+                stacklevel=3,
+            )
+        self._checked[id(encoder)] = "batch" if ok else "vmap"
+        return self._checked[id(encoder)]
 
     def extra_repr(self) -> str:
         """Summarise the configuration."""
