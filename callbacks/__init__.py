@@ -1,3 +1,38 @@
-"""Lightning callbacks of nncurv (``pip install nncurv[lightning]``)."""
+"""Lightning callbacks of nncurv (``pip install nncurv[lightning]``).
 
-__all__: list[str] = []
+:class:`CurvatureMonitor` logs curvature metrics to TensorBoard during training; the metric
+classes are its building blocks and the base for custom metrics.
+"""
+
+from nncurv.callbacks._metrics import (
+    CurvatureMetric,
+    GradientCurvature,
+    HessianDiagonal,
+    HessianTrace,
+    JacobianNorm,
+    LayerCurvature,
+    MetricContext,
+    MetricOutput,
+    MinEigenvalue,
+    SpectralDensityMetric,
+    TopEigenvalues,
+)
+from nncurv.callbacks._schedule import OverheadBudget, StepSchedule
+from nncurv.callbacks.curvature_monitor import CurvatureMonitor
+
+__all__ = [
+    "CurvatureMetric",
+    "CurvatureMonitor",
+    "GradientCurvature",
+    "HessianDiagonal",
+    "HessianTrace",
+    "JacobianNorm",
+    "LayerCurvature",
+    "MetricContext",
+    "MetricOutput",
+    "MinEigenvalue",
+    "OverheadBudget",
+    "SpectralDensityMetric",
+    "StepSchedule",
+    "TopEigenvalues",
+]

@@ -1,0 +1,552 @@
+r"""The metrics :class:`~nncurv.callbacks.CurvatureMonitor` computes, one class per metric.
+
+A metric takes a :class:`MetricContext` (the curvature problem of the probe data at the current
+parameters, the learning rate, seeded generators, a shared Hessian operator) and returns a
+:class:`MetricOutput` (scalars, histograms, figures). Subclass :class:`CurvatureMetric` and pass
+an instance in ``metrics=[...]`` to add one; metrics that keep state across calls (warm starts)
+save it through :meth:`CurvatureMetric.state_dict`.
+
+Every quantity is computed with the operators and algorithms of nncurv on the parameters as they
+are (detached), inside the guards of :class:`~nncurv.problem.CurvatureProblem`: nothing here
+touches ``.grad``, buffers, flags or the global RNG.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from nncurv.jacobians import jacobian_frobenius_sq
+from nncurv.linalg import diagonal, eigenvalues, exact_trace, spectral_density, trace
+from nncurv.linalg.density import SpectralDensity
+from nncurv.operators import HessianOperator
+from nncurv.problem import CurvatureProblem
+
+__all__ = [
+    "MetricContext",
+    "MetricOutput",
+    "CurvatureMetric",
+    "TopEigenvalues",
+    "MinEigenvalue",
+    "HessianTrace",
+    "SpectralDensityMetric",
+    "HessianDiagonal",
+    "LayerCurvature",
+    "GradientCurvature",
+    "JacobianNorm",
+]
+
+
+@dataclass
+class MetricOutput:
+    """What one metric produced at one call.
+
+    Attributes:
+        scalars: ``{key: value}``; keys are relative tags such as ``"hessian/top_eig_0"``.
+        histograms: ``{key: samples}`` logged with ``add_histogram`` (TensorBoard only).
+        densities: ``{key: SpectralDensity}`` logged as native TensorBoard histograms.
+        figures: ``{key: factory}``; each factory returns a matplotlib figure and is called only
+            on rank 0 when a TensorBoard writer is attached.
+    """
+
+    scalars: dict[str, float] = field(default_factory=dict)
+    histograms: dict[str, Tensor] = field(default_factory=dict)
+    densities: dict[str, SpectralDensity] = field(default_factory=dict)
+    figures: dict[str, Callable[[], Any]] = field(default_factory=dict)
+
+
+class MetricContext:
+    """Everything a metric needs at one call; operators are built lazily and shared.
+
+    Args:
+        problem: The curvature problem of the probe data at the current parameters.
+        step: The optimizer step (``trainer.global_step``).
+        lr: Learning rate of the first parameter group of the first optimizer (``None``
+            outside fitting).
+        seed: Base seed; :meth:`generator` derives one stream per metric and step from it, the
+            same on every rank.
+        hessian_mode: Mode of the :class:`~nncurv.operators.HessianOperator` (``"auto"`` probes
+            once; the callback then keeps the mode that was chosen).
+    """
+
+    def __init__(
+        self,
+        problem: CurvatureProblem,
+        *,
+        step: int,
+        lr: float | None,
+        seed: int,
+        hessian_mode: str,
+    ) -> None:
+        self.problem = problem
+        self.step = step
+        self.lr = lr
+        self.seed = seed
+        self.hessian_mode = hessian_mode
+        self.results: dict[str, Any] = {}
+        self._ops: dict[str | None, HessianOperator] = {}
+        self._blocks: dict[str, CurvatureProblem] | None = None
+
+    def hessian(self, block: str | None = None) -> HessianOperator:
+        """The Hessian operator of the whole problem (``block=None``) or of one block."""
+        if block not in self._ops:
+            problem = self.problem if block is None else self.block_problems()[block]
+            mode = self.hessian_mode
+            if block is not None and None in self._ops:
+                mode = self._ops[None].mode
+            op = HessianOperator(problem, mode=mode)  # type: ignore[arg-type]
+            if block is None and self.hessian_mode == "auto":
+                self.hessian_mode = op.mode
+            self._ops[block] = op
+        return self._ops[block]
+
+    def block_problems(self) -> dict[str, CurvatureProblem]:
+        """One problem per parameter block (layer), see :meth:`CurvatureProblem.blocks`."""
+        if self._blocks is None:
+            self._blocks = self.problem.block_problems()
+        return self._blocks
+
+    def generator(self, name: str) -> torch.Generator:
+        """A generator on the problem's device seeded from ``(seed, step, name)``."""
+        gen = torch.Generator(device=self.problem.device)
+        gen.manual_seed(
+            (self.seed * 1_000_003 + self.step * 7919 + zlib.crc32(name.encode())) % 2**63
+        )
+        return gen
+
+    @property
+    def num_matvecs(self) -> int:
+        """Products spent so far by the operators of this context."""
+        return sum(op.num_matvecs for op in self._ops.values())
+
+    def release(self) -> None:
+        """Drop the operators and the graphs they cache."""
+        for op in self._ops.values():
+            op.release()
+        self._ops.clear()
+
+
+class CurvatureMetric:
+    """Base class of the metrics; subclass it and pass an instance to add a metric.
+
+    Subclasses set :attr:`name` (unique; used in warnings, cost tags and checkpoint state),
+    implement :meth:`compute` and :meth:`names` (the scalar keys, logged as NaN when the
+    computation fails) and, for state across calls, :meth:`state_dict`/:meth:`load_state_dict`.
+    """
+
+    name: str = "metric"
+
+    def names(self, ctx: MetricContext) -> list[str]:
+        """Scalar keys this metric logs (relative tags)."""
+        return []
+
+    def compute(self, ctx: MetricContext) -> MetricOutput:
+        """Compute the metric at the context's parameters."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """State to resume from (CPU tensors and plain values)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`."""
+
+    def __repr__(self) -> str:
+        opts = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({opts})"
+
+
+def _cpu(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.detach().cpu()
+
+
+class _WarmStart:
+    """Previous eigenvectors per operator key, reused as Lanczos start vectors."""
+
+    def __init__(self) -> None:
+        self.vectors: dict[str, Tensor] = {}
+
+    def get(self, key: str, op: HessianOperator) -> Tensor | None:
+        v = self.vectors.get(key)
+        if v is None or v.shape[0] != op.shape[0]:
+            return None
+        return v.to(device=op.device, dtype=op.dtype)
+
+    def set(self, key: str, vecs: Tensor | None) -> None:
+        if vecs is not None and bool(torch.isfinite(vecs).all()):
+            self.vectors[key] = vecs.detach()
+
+    def state(self) -> dict[str, Any]:
+        return {k: _cpu(v) for k, v in self.vectors.items()}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.vectors = {k: v for k, v in state.items() if isinstance(v, Tensor)}
+
+
+class TopEigenvalues(CurvatureMetric):
+    r"""The ``k`` largest Hessian eigenvalues (sharpness), warm-started from the previous call.
+
+    Lanczos (:func:`nncurv.linalg.eigenvalues`, ``which="LA"``) starts from the eigenvectors of
+    the previous call, which change slowly during training, so a call typically costs a handful
+    of Hessian-vector products. Logs ``hessian/top_eig_{i}`` and ``hessian/top_eig_converged``.
+
+    Args:
+        k: Number of eigenvalues.
+        tol: Relative residual tolerance (default: the dtype's, ``3.5e-4`` in float32).
+        max_matvecs: Budget of products per call.
+        warm_start: Start from the previous call's eigenvectors.
+    """
+
+    name = "top_eig"
+
+    def __init__(
+        self,
+        k: int = 1,
+        *,
+        tol: float | None = None,
+        max_matvecs: int | None = None,
+        warm_start: bool = True,
+    ) -> None:
+        self.k = k
+        self.tol = tol
+        self.max_matvecs = max_matvecs
+        self.warm_start = warm_start
+        self._warm = _WarmStart()
+
+    def names(self, ctx: MetricContext) -> list[str]:
+        return [f"hessian/top_eig_{i}" for i in range(self.k)] + ["hessian/top_eig_converged"]
+
+    def compute(self, ctx: MetricContext) -> MetricOutput:
+        op = ctx.hessian()
+        k = min(self.k, op.shape[0])
+        res = eigenvalues(
+            op,
+            k,
+            which="LA",
+            tol=self.tol,
+            max_matvecs=self.max_matvecs,
+            v0=self._warm.get("", op) if self.warm_start else None,
+            return_eigenvectors=True,
+            generator=ctx.generator(self.name),
+        )
+        self._warm.set("", res.eigenvectors)
+        ctx.results["top_eig"] = float(res.eigenvalues[0])
+        vals = res.eigenvalues.tolist() + [math.nan] * (self.k - k)
+        out = {f"hessian/top_eig_{i}": v for i, v in enumerate(vals)}
+        out["hessian/top_eig_converged"] = float(res.converged)
+        return MetricOutput(scalars=out)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"vectors": self._warm.state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._warm.load(state.get("vectors", {}))
+
+
+class MinEigenvalue(TopEigenvalues):
+    """The most negative Hessian eigenvalue (``which="SA"``), warm-started; ``hessian/min_eig``."""
+
+    name = "min_eig"
+
+    def __init__(self, *, tol: float | None = None, max_matvecs: int | None = None) -> None:
+        super().__init__(1, tol=tol, max_matvecs=max_matvecs)
+
+    def names(self, ctx: MetricContext) -> list[str]:
+        return ["hessian/min_eig"]
+
+    def compute(self, ctx: MetricContext) -> MetricOutput:
+        op = ctx.hessian()
+        res = eigenvalues(
+            op,
+            1,
+            which="SA",
+            tol=self.tol,
+            max_matvecs=self.max_matvecs,
+            v0=self._warm.get("", op),
+            return_eigenvectors=True,
+            generator=ctx.generator(self.name),
+        )
+        self._warm.set("", res.eigenvectors)
+        return MetricOutput(scalars={"hessian/min_eig": float(res.eigenvalues[0])})
+
+
+def _trace(op: HessianOperator, num_matvecs: int, method: str, gen: torch.Generator) -> Any:
+    if op.shape[0] <= num_matvecs:
+        return exact_trace(op)
+    return trace(op, num_matvecs, method=method, generator=gen)  # type: ignore[arg-type]
+
+
+class HessianTrace(CurvatureMetric):
+    r"""Hessian trace with its standard error (:func:`nncurv.linalg.trace`, XTrace by default).
+
+    Exact (``n`` products) when the model has at most ``num_matvecs`` parameters. Logs
+    ``hessian/trace``, ``hessian/trace_stderr`` and ``hessian/trace_lower``/``_upper``
+    (:math:`\pm 2` standard errors, drawn as a margin chart in TensorBoard).
+
+    Args:
+        num_matvecs: Budget of products per call.
+        method: ``"xtrace"``, ``"hutch++"`` or ``"hutchinson"``.
+    """
+
+    name = "trace"
+
+    def __init__(self, num_matvecs: int = 20, *, method: str = "xtrace") -> None:
+        self.num_matvecs = num_matvecs
+        self.method = method
+
+    def names(self, ctx: MetricContext) -> list[str]:
+        return [f"hessian/trace{s}" for s in ("", "_stderr", "_lower", "_upper")]
+
+    def compute(self, ctx: MetricContext) -> MetricOutput:
+        r = _trace(ctx.hessian(), self.num_matvecs, self.method, ctx.generator(self.name))
+        se = r.standard_error
+        return MetricOutput(
+            scalars={
+                "hessian/trace": r.estimate,
+                "hessian/trace_stderr": se,
+                "hessian/trace_lower": r.estimate - 2 * se,
+                "hessian/trace_upper": r.estimate + 2 * se,
+            }
+        )
+
+
+class SpectralDensityMetric(CurvatureMetric):
+    """Hessian spectral density by stochastic Lanczos quadrature.
+
+    Logged as a TensorBoard histogram (``hessian/spectral_density``, ``num_bins`` bins, counts
+    in eigenvalues) and, with matplotlib installed and ``figure=True``, a log-scale figure;
+    also the scalar ``hessian/negative_mass`` (fraction of the spectrum below zero).
+
+    Args:
+        num_steps: Lanczos steps per probe.
+        num_probes: Number of probes.
+        num_bins: Histogram bins.
+        figure: Also log a matplotlib figure.
+    """
+
+    name = "density"
+
+    def __init__(
+        self, num_steps: int = 30, *, num_probes: int = 1, num_bins: int = 60, figure: bool = True
+    ) -> None:
+        self.num_steps = num_steps
+        self.num_probes = num_probes
+        self.num_bins = num_bins
+        self.figure = figure
+
+    def names(self, ctx: MetricContext) -> list[str]:
+        return ["hessian/negative_mass"]
+
+    def compute(self, ctx: MetricContext) -> MetricOutput:
+        from nncurv.linalg import plot_spectral_density
+
+        slq = spectral_density(
+            ctx.hessian(),
+            num_probes=self.num_probes,
+            num_steps=self.num_steps,
+            generator=ctx.generator(self.name),
+        )
+        out = MetricOutput(
+            scalars={"hessian/negative_mass": slq.negative_mass()},
+            densities={"hessian/spectral_density": slq},
+        )
+        if self.figure:
+            out.figures["hessian/spectral_density"] = lambda: plot_spectral_density(slq)
+        return out
+
+
+class HessianDiagonal(CurvatureMetric):
+    """Hessian diagonal (XDiag estimate, exact for small models), one histogram per layer.
+
+    Tags ``hessian/diagonal/<layer>`` (TensorBoard histograms only).
+
+    Args:
+        num_matvecs: Budget of products per call.
+        method: ``"xdiag"``, ``"hutchinson"`` or ``"exact"``.
+    """
+
+    name = "diagonal"
+
+    def __init__(self, num_matvecs: int = 20, *, method: str = "xdiag") -> None:
+        self.num_matvecs = num_matvecs
+        self.method = method
+
+    def compute(self, ctx: MetricContext) -> MetricOutput:
+        op = ctx.hessian()
+        r = diagonal(op, self.num_matvecs, method=self.method, generator=ctx.generator(self.name))  # type: ignore[arg-type]
+        parts = ctx.problem.unflatten(r.estimate)
+        hists = {
+            f"hessian/diagonal/{block or 'model'}": torch.cat([parts[n].reshape(-1) for n in names])
+            for block, names in ctx.problem.blocks().items()
+        }
+        return MetricOutput(histograms=hists)
+
+
+class LayerCurvature(CurvatureMetric):
+    """Top eigenvalue and trace of each layer's Hessian block (warm-started per layer).
+
+    Tags ``layer/<name>/top_eig`` and ``layer/<name>/trace`` (``<name>`` is the module name
+    owning the parameters, as in :meth:`CurvatureProblem.blocks`).
+
+    Args:
+        top_eig: Log each block's top eigenvalue.
+        trace: Log each block's trace.
+        trace_matvecs: Trace budget per block (exact for smaller blocks).
+    """
+
+    name = "layers"
+
+    def __init__(
+        self, *, top_eig: bool = True, trace: bool = True, trace_matvecs: int = 10
+    ) -> None:
+        self.top_eig = top_eig
+        self.trace = trace
+        self.trace_matvecs = trace_matvecs
+        self._warm = _WarmStart()
+
+    def names(self, ctx: MetricContext) -> list[str]:
+        keys = []
+        for block in ctx.problem.blocks():
+            b = block or "model"
+            keys += [f"layer/{b}/top_eig"] * self.top_eig + [f"layer/{b}/trace"] * self.trace
+        return keys
+
+    def compute(self, ctx: MetricContext) -> MetricOutput:
+        out: dict[str, float] = {}
+        for block in ctx.block_problems():
+            b = block or "model"
+            op = ctx.hessian(block)
+            if self.top_eig:
+                res = eigenvalues(
+                    op,
+                    1,
+                    v0=self._warm.get(block, op),
+                    return_eigenvectors=True,
+                    generator=ctx.generator(f"{self.name}/{block}"),
+                )
+                self._warm.set(block, res.eigenvectors)
+                out[f"layer/{b}/top_eig"] = float(res.eigenvalues[0])
+            if self.trace:
+                gen = ctx.generator(f"{self.name}/{block}/trace")
+                out[f"layer/{b}/trace"] = _trace(op, self.trace_matvecs, "xtrace", gen).estimate
+            op.release()
+        return MetricOutput(scalars=out)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"vectors": self._warm.state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._warm.load(state.get("vectors", {}))
+
+
+class GradientCurvature(CurvatureMetric):
+    r"""The second-order view of the next gradient step.
+
+    From :math:`f(\theta - \varepsilon g) \approx f - \varepsilon g^\top g +
+    \tfrac12 \varepsilon^2 g^\top H g`: the curvature along the gradient
+    :math:`g^\top H g / g^\top g` (``gradient/curvature``), the step size minimising the
+    quadratic model :math:`\varepsilon^* = g^\top g / g^\top H g` (``gradient/step_star``, NaN
+    when :math:`g^\top H g \le 0`: the model has no minimum along :math:`-g`), the optimizer's
+    learning rate (``gradient/lr``) and their ratio, and :math:`\lVert g\rVert`
+    (``gradient/norm``). One gradient and one Hessian-vector product.
+    """
+
+    name = "gradient"
+
+    def names(self, ctx: MetricContext) -> list[str]:
+        keys = ["gradient/norm", "gradient/curvature", "gradient/step_star"]
+        return keys + (["gradient/lr", "gradient/step_star_over_lr"] if ctx.lr is not None else [])
+
+    def compute(self, ctx: MetricContext) -> MetricOutput:
+        _, g = ctx.problem.loss_and_gradient()
+        hg = ctx.hessian().matvec(g)
+        gg, ghg = float(g @ g), float(g @ hg)
+        curv = ghg / gg if gg > 0 else math.nan
+        eps = gg / ghg if ghg > 0 else math.nan
+        out = {
+            "gradient/norm": math.sqrt(gg),
+            "gradient/curvature": curv,
+            "gradient/step_star": eps,
+        }
+        if ctx.lr is not None:
+            out["gradient/lr"] = ctx.lr
+            out["gradient/step_star_over_lr"] = eps / ctx.lr if ctx.lr > 0 else math.nan
+        return MetricOutput(scalars=out)
+
+
+class JacobianNorm(CurvatureMetric):
+    r"""Mean Frobenius norm :math:`\lVert \partial g(x)/\partial x\rVert_F` over the probe samples.
+
+    ``g`` is the model output or the output of the named ``layer``
+    (:func:`nncurv.jacobians.jacobian_frobenius_sq`, BatchNorm in eval mode, dropout off).
+    Logged as ``jacobian/fro_norm`` (``jacobian/<layer>/fro_norm`` for a layer); under DDP the
+    mean runs over the samples of all ranks.
+
+    Args:
+        layer: Module name (as in ``named_modules()``) or ``None`` for the model output.
+        method: ``"hutchinson"`` (default), ``"hutch++"`` or ``"exact"``.
+        num_probes: Probes per sample for the stochastic methods.
+    """
+
+    name = "jacobian"
+
+    def __init__(
+        self, layer: str | None = None, *, method: str = "hutchinson", num_probes: int = 4
+    ) -> None:
+        self.layer = layer
+        self.method = method
+        self.num_probes = num_probes
+
+    @property
+    def _key(self) -> str:
+        return "jacobian/fro_norm" if self.layer is None else f"jacobian/{self.layer}/fro_norm"
+
+    def names(self, ctx: MetricContext) -> list[str]:
+        return [self._key]
+
+    def compute(self, ctx: MetricContext) -> MetricOutput:
+        p = ctx.problem
+        total = torch.zeros(2, dtype=torch.float64, device=p.device)
+        gen = ctx.generator(self.name)
+        with torch.no_grad():
+            for batch in p.batches():
+                if not isinstance(batch.inputs, Tensor):
+                    raise TypeError(
+                        f"JacobianNorm needs tensor inputs, got {type(batch.inputs).__name__}"
+                    )
+                r = jacobian_frobenius_sq(
+                    p.model,
+                    batch.inputs,
+                    layer=self.layer,
+                    method=self.method,  # type: ignore[arg-type]
+                    num_probes=self.num_probes,
+                    generator=gen,
+                )
+                fro = r.value.detach().clamp_min(0).sqrt().to(torch.float64)
+                total += torch.stack(
+                    [
+                        fro.sum(),
+                        torch.tensor(float(fro.numel()), device=p.device, dtype=torch.float64),
+                    ]
+                )
+        total = p.all_reduce(total)
+        return MetricOutput(scalars={self._key: float(total[0] / total[1])})
+
+
+#: Metrics selectable by name in ``CurvatureMonitor(metrics=[...])``.
+BUILTIN: dict[str, Callable[[], CurvatureMetric]] = {
+    "top_eig": TopEigenvalues,
+    "min_eig": MinEigenvalue,
+    "trace": HessianTrace,
+    "density": SpectralDensityMetric,
+    "diagonal": HessianDiagonal,
+    "layers": LayerCurvature,
+    "gradient": GradientCurvature,
+    "jacobian": JacobianNorm,
+}

@@ -1,0 +1,618 @@
+r"""Curvature monitor: curvature metrics in TensorBoard during training.
+
+Computes curvature metrics of the model being trained every N optimizer steps and logs them to
+every attached logger (scalars) and to TensorBoard (histograms, figures, a custom-scalars
+layout), on CPU or GPU, single process or DDP, without disturbing training.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal
+
+import pytorch_lightning as pl
+import torch
+from lightning_utilities.core.apply_func import apply_to_collection
+from nncurv.callbacks._metrics import (
+    BUILTIN,
+    CurvatureMetric,
+    HessianTrace,
+    JacobianNorm,
+    MetricContext,
+    MetricOutput,
+    TopEigenvalues,
+)
+from nncurv.callbacks._schedule import OverheadBudget, StepSchedule
+from nncurv.callbacks._tb import add_density, custom_scalars_layout, tensorboard_writers
+from pytorch_lightning.callbacks.callback import Callback
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_warn
+from torch import Tensor
+from typing_extensions import override
+
+from nncurv._state import untouched
+from nncurv.batches import BatchFormat
+from nncurv.problem import CurvatureProblem, ParamSelection
+
+__all__ = ["CurvatureMonitor"]
+
+_LOSS_ATTRS = ("loss_fn", "criterion", "loss_func")
+
+
+class _Batches:
+    """Batches that :class:`CurvatureProblem` reads as an iterable (never as a single batch)."""
+
+    def __init__(self, batches: Sequence[Any]) -> None:
+        self.batches = list(batches)
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _clone(batch: Any) -> Any:
+    return apply_to_collection(batch, Tensor, lambda t: t.detach().clone())
+
+
+def _to_cpu(batch: Any) -> Any:
+    return apply_to_collection(batch, Tensor, lambda t: t.detach().cpu())
+
+
+def _sync(module: torch.nn.Module) -> None:
+    dev = next((p.device for p in module.parameters()), None)
+    if dev is not None and dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+class CurvatureMonitor(Callback):
+    r"""Log curvature metrics of the model during training (Hessian spectrum, trace, ...).
+
+    Every ``every_n_steps`` optimizer steps (or log-spaced), in ``on_train_batch_end`` — i.e.
+    at the parameters *after* the optimizer step :math:`\theta_{t}` with ``t =
+    trainer.global_step`` — the callback builds the :class:`~nncurv.problem.CurvatureProblem`
+    of the probe data at the current parameters and computes the selected metrics:
+
+    * ``"top_eig"``: the ``top_k`` largest Hessian eigenvalues, warm-started from the previous
+      call's eigenvectors (``hessian/top_eig_{i}``);
+    * ``"trace"``: the Hessian trace with its standard error (``hessian/trace``, ...);
+    * ``"gradient"``: :math:`g^\top H g / g^\top g`, :math:`\varepsilon^* = g^\top g /
+      g^\top H g` beside the learning rate (``gradient/...``), see
+      :class:`~nncurv.callbacks.GradientCurvature`;
+    * ``"min_eig"``, ``"density"`` (SLQ histogram and figure), ``"diagonal"`` (per-layer
+      histograms), ``"layers"`` (per-layer top eigenvalue and trace), ``"jacobian"`` (input
+      Jacobian Frobenius norm of the model or of ``jacobian_layer``), or any
+      :class:`~nncurv.callbacks.CurvatureMetric` instance.
+
+    With ``"top_eig"`` and a learning rate, the edge of stability is tracked as
+    ``stability/two_over_lr`` (:math:`2/\eta`) and ``stability/sharpness_ratio``
+    (:math:`\lambda_{\max}\eta/2`, which reaches 1 at the edge of stability of gradient descent).
+    Each call also logs its cost: ``cost/<metric>/seconds``, ``cost/<metric>/matvecs``
+    (Hessian-vector products), ``cost/total_seconds`` and ``cost/overhead`` (callback time over
+    the rest of the training time so far).
+
+    Tags are ``prefix + key`` (``curvature/hessian/top_eig_0``). Scalars go to every logger
+    through ``logger.log_metrics(..., step=trainer.global_step)`` and into
+    ``trainer.callback_metrics`` (so that other callbacks can monitor them); histograms,
+    figures and the custom-scalars layout go to TensorBoard writers, on rank 0 only.
+
+    Nothing of the training is disturbed: parameters, ``.grad``, optimizer state, buffers
+    (BatchNorm statistics), train/eval flags, the global RNG and the loop state are exactly as
+    they would have been without the callback, so runs with and without it end with identical
+    weights (deterministic settings). Computations run in the parameters' dtype with autocast
+    disabled (float32 under ``*-mixed`` precision) unless ``autocast=True``.
+
+    Under DDP every rank takes part in each product (the distributed operator all-reduces
+    each matrix-vector product; probes come from identically seeded generators), so the metrics
+    are those of the union of the ranks' probe batches; only rank 0 writes.
+
+    Args:
+        loss_fn: ``loss_fn(outputs, targets)`` as the module computes its training loss;
+            default: the module's ``loss_fn``/``criterion``/``loss_func`` attribute.
+        metrics: Names of built-in metrics and/or :class:`CurvatureMetric` instances.
+        every_n_steps: Interval of the ``"every"`` schedule, in optimizer steps (gradient
+            accumulation counts once per step).
+        schedule: ``"every"`` or ``"log"`` (about ``points_per_decade`` calls per decade).
+        points_per_decade: Density of the ``"log"`` schedule.
+        at_fit_start: Also compute before the first step (``step 0``).
+        at_fit_end: Also compute at the end of fitting (if the last step was not computed).
+        probe: ``"fixed"``: the first training batch (per rank), kept for the whole run so
+            that values are comparable over time (saved in checkpoints); an int ``m``: the first
+            ``m`` training batches; ``"fresh"``: the current training batch at each call.
+        probe_data: Explicit probe data instead (a batch or an iterable of batches).
+        reduction: How ``loss_fn`` reduces over a batch (``"mean"`` or ``"sum"``).
+        params: Parameter selection (see :class:`~nncurv.problem.CurvatureProblem`).
+        batchnorm: ``"eval"`` (running statistics) or ``"batch"`` (batch statistics, running
+            ones untouched).
+        dropout: ``"off"`` or ``"on"`` (masks fixed per batch and call).
+        batch_format: How batches are split and the model called.
+        hessian_mode: Hessian-vector product mode; ``"auto"`` probes once, then keeps it.
+        top_k: Number of top eigenvalues of the ``"top_eig"`` metric.
+        trace_matvecs: Budget of the ``"trace"`` metric.
+        jacobian_layer: Layer of the ``"jacobian"`` metric (``None``: the model output).
+        validation: Also compute at the end of each validation epoch (and in standalone
+            ``trainer.validate()``), on the first validation batch, under ``prefix + "val/"``.
+        overhead_budget: Cap on the callback's time as a fraction of the training time without
+            it (``0.05``: at most 5 % slower); scheduled calls that would exceed it are postponed.
+        autocast: Run under the trainer's precision context instead of disabling autocast.
+        prefix: Tag prefix.
+        seed: Base seed of the probe vectors.
+        on_error: ``"warn"``: a failing metric is logged as NaN with one warning naming the
+            cause and training goes on; ``"raise"``: the error propagates.
+
+    Raises:
+        MisconfigurationException: Bad arguments (here), or no logger / no loss function (in
+            ``setup``).
+
+    Example::
+
+        >>> import pytorch_lightning as pl
+        >>> from nncurv.callbacks import CurvatureMonitor
+        >>> monitor = CurvatureMonitor(torch.nn.CrossEntropyLoss(), every_n_steps=100)
+        >>> trainer = pl.Trainer(callbacks=[monitor], logger=False)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., Tensor] | None = None,
+        *,
+        metrics: Sequence[str | CurvatureMetric] = ("top_eig", "trace", "gradient"),
+        every_n_steps: int = 50,
+        schedule: Literal["every", "log"] = "every",
+        points_per_decade: int = 10,
+        at_fit_start: bool = False,
+        at_fit_end: bool = False,
+        probe: Literal["fixed", "fresh"] | int = "fixed",
+        probe_data: Any = None,
+        reduction: Literal["mean", "sum"] = "mean",
+        params: ParamSelection = None,
+        batchnorm: Literal["eval", "batch"] = "eval",
+        dropout: Literal["off", "on"] = "off",
+        batch_format: BatchFormat | None = None,
+        hessian_mode: str = "auto",
+        top_k: int = 1,
+        trace_matvecs: int = 20,
+        jacobian_layer: str | None = None,
+        validation: bool = False,
+        overhead_budget: float | None = None,
+        autocast: bool = False,
+        prefix: str = "curvature/",
+        seed: int = 0,
+        on_error: Literal["warn", "raise"] = "warn",
+    ) -> None:
+        def bad(name: str, value: Any, want: str) -> MisconfigurationException:
+            return MisconfigurationException(
+                f"CurvatureMonitor: {name} must be {want}, got {value!r}"
+            )
+
+        def posint(name: str, value: Any) -> None:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(name, value, "a positive integer")
+
+        if loss_fn is not None and not callable(loss_fn):
+            raise bad("loss_fn", loss_fn, "callable")
+        posint("every_n_steps", every_n_steps)
+        posint("points_per_decade", points_per_decade)
+        posint("top_k", top_k)
+        posint("trace_matvecs", trace_matvecs)
+        for name, value, choices in [
+            ("schedule", schedule, ("every", "log")),
+            ("reduction", reduction, ("mean", "sum")),
+            ("batchnorm", batchnorm, ("eval", "batch")),
+            ("dropout", dropout, ("off", "on")),
+            ("on_error", on_error, ("warn", "raise")),
+            ("hessian_mode", hessian_mode, ("auto", "cached", *_FUNCTIONAL_MODES)),
+        ]:
+            if value not in choices:
+                raise bad(name, value, f"one of {choices}")
+        if not (probe in ("fixed", "fresh") or (isinstance(probe, int) and probe >= 1)):
+            raise bad("probe", probe, "'fixed', 'fresh' or a positive integer")
+        if isinstance(probe, bool):
+            raise bad("probe", probe, "'fixed', 'fresh' or a positive integer")
+        if overhead_budget is not None and not (
+            isinstance(overhead_budget, (int, float)) and 0 < overhead_budget <= 10
+        ):
+            raise bad("overhead_budget", overhead_budget, "None or a fraction > 0 (0.05 = 5 %)")
+        if not isinstance(prefix, str):
+            raise bad("prefix", prefix, "a string")
+        if batch_format is not None and not isinstance(batch_format, BatchFormat):
+            raise bad("batch_format", batch_format, "a BatchFormat")
+        if jacobian_layer is not None and not isinstance(jacobian_layer, str):
+            raise bad("jacobian_layer", jacobian_layer, "None or a module name")
+        self.metrics = self._build_metrics(metrics, top_k, trace_matvecs, jacobian_layer)
+        self.loss_fn = loss_fn
+        self.schedule = StepSchedule(schedule, every_n_steps, points_per_decade)
+        self.at_fit_start = at_fit_start
+        self.at_fit_end = at_fit_end
+        self.probe = probe
+        self.probe_data = probe_data
+        self.reduction = reduction
+        self.params = params
+        self.batchnorm = batchnorm
+        self.dropout = dropout
+        self.batch_format = batch_format
+        self.hessian_mode = hessian_mode
+        self.validation = validation
+        self.autocast = autocast
+        self.prefix = prefix
+        self.seed = seed
+        self.on_error = on_error
+        self.budget = OverheadBudget(overhead_budget)
+        # state (saved in checkpoints)
+        self._last_step = -1  # last optimizer step handled (de-duplicates micro-batches)
+        self._last_computed = -1
+        self._pending = False
+        self._num_calls = 0
+        self._probe: list[Any] = []
+        # run-time only
+        self._loss: Callable[..., Tensor] | None = None
+        self._writers: list[Any] = []
+        self._layout_written: set[int] = set()
+        self._warned: set[str] = set()
+        self._t0: float | None = None
+        self._val_batch: Any = None
+        self._last_batch: Any = None
+
+    @staticmethod
+    def _build_metrics(
+        metrics: Sequence[str | CurvatureMetric],
+        top_k: int,
+        trace_matvecs: int,
+        jacobian_layer: str | None,
+    ) -> list[CurvatureMetric]:
+        if isinstance(metrics, (str, CurvatureMetric)) or not isinstance(metrics, Sequence):
+            raise MisconfigurationException(
+                f"CurvatureMonitor: metrics must be a list of names or CurvatureMetric "
+                f"instances, got {metrics!r}"
+            )
+        built: list[CurvatureMetric] = []
+        for m in metrics:
+            if isinstance(m, CurvatureMetric):
+                built.append(m)
+            elif m == "top_eig":
+                built.append(TopEigenvalues(top_k))
+            elif m == "trace":
+                built.append(HessianTrace(trace_matvecs))
+            elif m == "jacobian":
+                built.append(JacobianNorm(jacobian_layer))
+            elif isinstance(m, str) and m in BUILTIN:
+                built.append(BUILTIN[m]())
+            elif m == "information":
+                raise MisconfigurationException(
+                    "CurvatureMonitor: the 'information' metrics need nncurv.information, "
+                    "which this installation does not provide yet"
+                )
+            else:
+                raise MisconfigurationException(
+                    f"CurvatureMonitor: unknown metric {m!r}; choose from {sorted(BUILTIN)} or "
+                    "pass a CurvatureMetric instance"
+                )
+        names = [m.name for m in built]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise MisconfigurationException(
+                f"CurvatureMonitor: metric names must be unique, got duplicates {dup}"
+            )
+        if not built:
+            raise MisconfigurationException("CurvatureMonitor: metrics is empty")
+        # the edge-of-stability ratio needs the top eigenvalue before the gradient metric
+        built.sort(key=lambda m: 0 if isinstance(m, TopEigenvalues) and m.name == "top_eig" else 1)
+        return built
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(prefix=self.prefix)
+
+    # ------------------------------------------------------------------ setup
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage not in ("fit", "validate"):
+            return
+        if stage == "validate" and not self.validation:
+            return
+        if not trainer.loggers:
+            raise MisconfigurationException(
+                "Cannot use the CurvatureMonitor callback with a Trainer that has no logger; "
+                "pass logger=TensorBoardLogger(...) (or any logger)"
+            )
+        self._loss = self.loss_fn
+        if self._loss is None:
+            for attr in _LOSS_ATTRS:
+                fn = getattr(pl_module, attr, None)
+                if callable(fn):
+                    self._loss = fn
+                    break
+        if self._loss is None:
+            raise MisconfigurationException(
+                f"CurvatureMonitor: no loss function; pass loss_fn=... or give "
+                f"{type(pl_module).__name__} one of the attributes {_LOSS_ATTRS}"
+            )
+        self._writers = []
+        if trainer.is_global_zero and not getattr(trainer, "fast_dev_run", False):
+            self._writers = tensorboard_writers(trainer.loggers)
+            if not self._writers:
+                rank_zero_warn(
+                    "CurvatureMonitor: no TensorBoard logger attached; scalars are logged to "
+                    f"{[type(lg).__name__ for lg in trainer.loggers]}, histograms, figures and "
+                    "the custom-scalars layout are skipped"
+                )
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._t0 = time.perf_counter()
+
+    # ------------------------------------------------------------------ hooks
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if self.probe_data is None and self.probe != "fresh":
+            if len(self._probe) < (1 if self.probe == "fixed" else int(self.probe)):
+                self._probe.append(_clone(batch))
+        if self.at_fit_start and trainer.global_step == 0 and self._last_step < 0:
+            self._last_step = 0
+            self._run(trainer, pl_module, batch, 0)
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        self._last_batch = batch
+        step = trainer.global_step
+        if step <= self._last_step:
+            return  # the same optimizer step (gradient accumulation) or already logged
+        self._last_step = step
+        first_dev_run = bool(getattr(trainer, "fast_dev_run", False)) and self._num_calls == 0
+        if self.should_compute(step) or first_dev_run:
+            self._pending = True
+        if not self._pending:
+            return
+        allowed = self.budget.allowed(self._elapsed())
+        if self.budget.fraction is not None and trainer.world_size > 1:
+            allowed = bool(trainer.strategy.broadcast(allowed, src=0))  # same decision on ranks
+        if not allowed:
+            self.budget.skipped += 1
+            self._warn_once(
+                "budget",
+                f"CurvatureMonitor: a call costs {self.budget.last_cost:.3g} s, more than the "
+                f"overhead budget of {self.budget.fraction:.1%} allows at this schedule; calls "
+                "are spaced out to stay within it",
+            )
+            return
+        self._run(trainer, pl_module, batch, step)
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = trainer.global_step
+        if self.at_fit_end and step > self._last_computed:
+            self._run(trainer, pl_module, self._last_batch, step)
+
+    @override
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: Any,
+        batch: Any,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.validation and not trainer.sanity_checking and self._val_batch is None:
+            self._val_batch = _clone(batch)
+
+    @override
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.validation or trainer.sanity_checking or self._val_batch is None:
+            return
+        batch, self._val_batch = self._val_batch, None
+        self._run(
+            trainer, pl_module, batch, trainer.global_step, data=_Batches([batch]), group="val/"
+        )
+
+    def should_compute(self, step: int) -> bool:
+        """Whether optimizer step ``step`` is scheduled (override for a custom schedule)."""
+        return self.schedule(step)
+
+    # ------------------------------------------------------------------ computation
+    def _elapsed(self) -> float:
+        return 0.0 if self._t0 is None else time.perf_counter() - self._t0
+
+    def _probe_batches(self, batch: Any) -> Any:
+        if self.probe_data is not None:
+            return self.probe_data
+        if self.probe == "fresh" or not self._probe:
+            return _Batches([batch])
+        return _Batches(self._probe)
+
+    def _lr(self, trainer: pl.Trainer) -> float | None:
+        try:
+            return float(trainer.optimizers[0].param_groups[0]["lr"])
+        except (IndexError, KeyError, AttributeError, TypeError, RuntimeError):
+            return None
+
+    def _precision(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+        if self.autocast:
+            return trainer.precision_plugin.forward_context()
+        dev = next((p.device.type for p in pl_module.parameters()), "cpu")
+        return torch.autocast(device_type=dev, enabled=False)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            rank_zero_warn(message)
+
+    def _run(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        batch: Any,
+        step: int,
+        *,
+        data: Any = None,
+        group: str = "",
+    ) -> None:
+        if self._loss is None:  # hooks called without setup (e.g. by hand)
+            self.setup(trainer, pl_module, "fit")
+        _sync(pl_module)
+        t0 = time.perf_counter()
+        out = self._compute(trainer, pl_module, data or self._probe_batches(batch), step)
+        self._log(trainer, out, step, group, time.perf_counter() - t0)
+        _sync(pl_module)
+        seconds = time.perf_counter() - t0
+        self.budget.record(seconds)
+        self._pending = False
+        self._num_calls += 1
+        self._last_computed = max(self._last_computed, step)
+
+    def _compute(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, data: Any, step: int
+    ) -> tuple[MetricOutput, dict[str, tuple[float, int]]]:
+        merged = MetricOutput()
+        costs: dict[str, tuple[float, int]] = {}
+        lr = self._lr(trainer)
+        assert self._loss is not None
+        with untouched(pl_module), self._precision(trainer, pl_module):
+            try:
+                problem = CurvatureProblem(
+                    pl_module,
+                    self._loss,
+                    data,
+                    reduction=self.reduction,
+                    params=self.params,
+                    batchnorm=self.batchnorm,
+                    dropout=self.dropout,
+                    batch_format=self.batch_format,
+                    cache_batches=True,
+                    distributed=trainer.world_size > 1,
+                    seed=self.seed + step,
+                )
+            except Exception as err:
+                if self.on_error == "raise":
+                    raise
+                self._warn_once("problem", f"CurvatureMonitor: cannot set up the problem: {err}")
+                return merged, costs
+            ctx = MetricContext(
+                problem, step=step, lr=lr, seed=self.seed, hessian_mode=self.hessian_mode
+            )
+            for metric in self.metrics:
+                _sync(pl_module)
+                t0, n0 = time.perf_counter(), ctx.num_matvecs
+                try:
+                    res = metric.compute(ctx)
+                except Exception as err:
+                    if self.on_error == "raise":
+                        raise
+                    self._warn_once(
+                        metric.name,
+                        f"CurvatureMonitor: metric {metric.name!r} failed at step {step} and is "
+                        f"logged as NaN: {type(err).__name__}: {err}",
+                    )
+                    res = MetricOutput(scalars=dict.fromkeys(_safe_names(metric, ctx), math.nan))
+                _sync(pl_module)
+                costs[metric.name] = (time.perf_counter() - t0, ctx.num_matvecs - n0)
+                merged.scalars.update(res.scalars)
+                merged.histograms.update(res.histograms)
+                merged.densities.update(res.densities)
+                merged.figures.update(res.figures)
+            if self.hessian_mode == "auto" and ctx.hessian_mode != "auto":
+                self.hessian_mode = ctx.hessian_mode  # keep the mode auto chose
+            top = ctx.results.get("top_eig")
+            if top is not None and lr is not None:
+                merged.scalars["stability/sharpness_ratio"] = top * lr / 2
+                if lr > 0:
+                    merged.scalars["stability/two_over_lr"] = 2 / lr
+            ctx.release()
+        return merged, costs
+
+    def _log(
+        self,
+        trainer: pl.Trainer,
+        result: tuple[MetricOutput, dict[str, tuple[float, int]]],
+        step: int,
+        group: str,
+        seconds: float,
+    ) -> None:
+        out, costs = result
+        scalars = dict(out.scalars)
+        for name, (sec, nmv) in costs.items():
+            scalars[f"cost/{name}/seconds"] = sec
+            scalars[f"cost/{name}/matvecs"] = float(nmv)
+        scalars["cost/total_seconds"] = seconds
+        spent = self.budget.spent + seconds
+        other = self.budget.elapsed_before + self._elapsed() - spent
+        scalars["cost/overhead"] = spent / other if other > 0 else math.nan
+        pre = self.prefix + group
+        tags = {pre + k: float(v) for k, v in scalars.items()}
+        for tag, value in tags.items():
+            trainer.callback_metrics[tag] = torch.tensor(value, dtype=torch.float64)
+        if not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            logger.log_metrics(tags, step=step)
+        for w in self._writers:
+            if id(w) not in self._layout_written:
+                self._layout_written.add(id(w))
+                w.add_custom_scalars(custom_scalars_layout(pre, list(scalars)))
+            for key, values in out.histograms.items():
+                w.add_histogram(pre + key, values.detach().float().cpu(), global_step=step)
+            for key, slq in out.densities.items():
+                add_density(w, pre + key, slq, step)
+            for key, make in out.figures.items():
+                try:
+                    w.add_figure(pre + key, make(), global_step=step, close=True)
+                except ImportError as err:
+                    self._warn_once("figure", f"CurvatureMonitor: no figure logged ({err})")
+
+    # ------------------------------------------------------------------ state
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "last_step": self._last_step,
+            "last_computed": self._last_computed,
+            "pending": self._pending,
+            "num_calls": self._num_calls,
+            "hessian_mode": self.hessian_mode,
+            "probe": [_to_cpu(b) for b in self._probe],
+            "budget": {
+                "spent": self.budget.spent,
+                "elapsed": self.budget.elapsed_before + self._elapsed(),
+                "last_cost": self.budget.last_cost,
+            },
+            "metrics": {m.name: m.state_dict() for m in self.metrics},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._last_step = int(state_dict.get("last_step", -1))
+        self._last_computed = int(state_dict.get("last_computed", -1))
+        self._pending = bool(state_dict.get("pending", False))
+        self._num_calls = int(state_dict.get("num_calls", 0))
+        self.hessian_mode = state_dict.get("hessian_mode", self.hessian_mode)
+        self._probe = list(state_dict.get("probe", []))
+        budget = state_dict.get("budget", {})
+        self.budget.spent = float(budget.get("spent", 0.0))
+        self.budget.elapsed_before = float(budget.get("elapsed", 0.0))
+        self.budget.last_cost = budget.get("last_cost")
+        for m in self.metrics:
+            m.load_state_dict(state_dict.get("metrics", {}).get(m.name, {}))
+
+
+_FUNCTIONAL_MODES = ("forward-over-reverse", "reverse-over-reverse")
+
+
+def _safe_names(metric: CurvatureMetric, ctx: MetricContext) -> list[str]:
+    try:
+        return metric.names(ctx)
+    except Exception:  # noqa: BLE001 - names of a broken metric are best effort
+        warnings.warn(f"CurvatureMonitor: cannot list the keys of {metric.name!r}", stacklevel=2)
+        return []

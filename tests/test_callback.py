@@ -1,0 +1,368 @@
+"""CurvatureMonitor: exact values, schedule, loggers, resume, failures, validation, budget."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import pytest
+import torch
+from nncurv.callbacks import (
+    CurvatureMetric,
+    CurvatureMonitor,
+    JacobianNorm,
+    MetricOutput,
+    OverheadBudget,
+    StepSchedule,
+    TopEigenvalues,
+)
+from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+
+from nncurv.linalg import NonFiniteError
+from tests.test_callback_common import (  # noqa: F401 - one_thread is a fixture
+    QUIET,
+    Regression,
+    closed_form_gradient,
+    closed_form_hessian,
+    loader,
+    make_trainer,
+    one_thread,
+    read_events,
+    regression_data,
+)
+
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    *[pytest.mark.filterwarnings(q) for q in QUIET],
+]
+
+P = "curvature/"
+
+
+class SpyLogger(CSVLogger):
+    """Records every ``log_metrics`` call."""
+
+    def __init__(self, save_dir: str) -> None:
+        super().__init__(save_dir, name="csv", version=0)
+        self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.calls.append((step, dict(metrics)))
+        super().log_metrics(metrics, step)
+
+    def curvature_steps(self, key: str = P + "hessian/top_eig_0") -> list[int | None]:
+        return [s for s, m in self.calls if key in m]
+
+
+def _single(scalars: dict[str, list[tuple[int, float]]], tag: str) -> float:
+    values = {v for _, v in scalars[tag]}
+    assert len(values) == 1, (tag, scalars[tag])
+    return values.pop()
+
+
+# --------------------------------------------------------------------------- exact values
+@pytest.mark.parametrize("probe", ["fixed", 2, "data"])
+def test_logged_values_equal_closed_form_of_linear_regression(tmp_path, probe):
+    """lr=0 keeps the parameters fixed: H = 2 A^T A / N on the probe batch, at every call."""
+    X, y = regression_data(32, 4)
+    model = Regression(4, lr=0.0)
+    batch = 8
+    if probe == "data":
+        kwargs: dict[str, Any] = {"probe_data": (X, y)}
+        Xp, yp = X, y
+    else:
+        kwargs = {"probe": probe}
+        m = 1 if probe == "fixed" else probe
+        Xp, yp = X[: m * batch], y[: m * batch]
+    cb = CurvatureMonitor(
+        metrics=["top_eig", "trace", "min_eig", "gradient", "layers"],
+        top_k=2,
+        every_n_steps=2,
+        **kwargs,
+    )
+    trainer = make_trainer(tmp_path, [cb], max_steps=4, precision="64-true")
+    trainer.fit(model, loader(X, y, batch))
+    scalars, _ = read_events(trainer.logger.log_dir)
+
+    H = closed_form_hessian(model, Xp)
+    lam = torch.linalg.eigvalsh(H)
+    g = closed_form_gradient(model, Xp, yp)
+    expected = {
+        "hessian/top_eig_0": lam[-1],
+        "hessian/top_eig_1": lam[-2],
+        "hessian/min_eig": lam[0],
+        "hessian/trace": H.trace(),  # 5 parameters <= budget: exact
+        "hessian/trace_stderr": 0.0,
+        "gradient/norm": g.norm(),
+        "gradient/curvature": g @ H @ g / (g @ g),
+        "gradient/step_star": (g @ g) / (g @ H @ g),
+        "gradient/lr": 0.0,
+        "layer/lin/top_eig": lam[-1],
+        "layer/lin/trace": H.trace(),
+        "stability/sharpness_ratio": 0.0,
+    }
+    for key, ref in expected.items():
+        tag = P + key
+        assert [s for s, _ in scalars[tag]] == [2, 4], (tag, scalars[tag])
+        got = _single(scalars, tag)
+        assert math.isclose(got, float(ref), rel_tol=1e-6, abs_tol=1e-6), (key, got, float(ref))
+        # also available to other callbacks
+        assert math.isclose(
+            float(trainer.callback_metrics[tag]), float(ref), rel_tol=1e-6, abs_tol=1e-6
+        )
+    assert _single(scalars, P + "hessian/top_eig_converged") == 1.0
+    assert P + "stability/two_over_lr" not in scalars  # lr = 0: no edge of stability
+    (_, cold), (_, warm) = scalars[P + "cost/top_eig/matvecs"]
+    assert 1 <= warm < cold  # the second call starts from the first call's eigenvectors
+    assert all(v >= 0 for _, v in scalars[P + "cost/total_seconds"])
+
+
+def test_edge_of_stability_and_learning_rate(tmp_path):
+    X, y = regression_data(32, 4)
+    cb = CurvatureMonitor(metrics=["top_eig", "gradient"], every_n_steps=1)
+    trainer = make_trainer(tmp_path, [cb], max_steps=3, precision="64-true")
+    trainer.fit(Regression(4, lr=0.05), loader(X, y, 8))
+    s, _ = read_events(trainer.logger.log_dir)
+    assert [st for st, _ in s[P + "stability/two_over_lr"]] == [1, 2, 3]
+    assert _single(s, P + "stability/two_over_lr") == pytest.approx(40.0)
+    assert _single(s, P + "gradient/lr") == pytest.approx(0.05)
+    for (_, top), (_, ratio) in zip(s[P + "hessian/top_eig_0"], s[P + "stability/sharpness_ratio"]):
+        assert ratio == pytest.approx(top * 0.05 / 2, rel=1e-6)
+
+
+def test_jacobian_metric_of_linear_model_is_weight_norm(tmp_path):
+    X, y = regression_data(32, 4)
+    model = Regression(4, lr=0.0)
+    cb = CurvatureMonitor(metrics=[JacobianNorm(method="exact")], every_n_steps=2)
+    trainer = make_trainer(tmp_path, [cb], max_steps=2, precision="64-true")
+    trainer.fit(model, loader(X, y, 8))
+    got = float(trainer.callback_metrics[P + "jacobian/fro_norm"])
+    assert got == pytest.approx(float(model.lin.weight.detach().norm()), rel=1e-10)
+
+
+def test_custom_metric_plugs_in(tmp_path):
+    class ParamCount(CurvatureMetric):
+        name = "count"
+
+        def names(self, ctx):
+            return ["custom/num_params"]
+
+        def compute(self, ctx):
+            return MetricOutput(scalars={"custom/num_params": float(ctx.problem.num_params)})
+
+    X, y = regression_data(16, 3)
+    cb = CurvatureMonitor(metrics=[ParamCount()], every_n_steps=1)
+    trainer = make_trainer(tmp_path, [cb], max_steps=1, precision="64-true")
+    trainer.fit(Regression(3), loader(X, y, 8))
+    assert float(trainer.callback_metrics[P + "custom/num_params"]) == 4.0
+
+
+# --------------------------------------------------------------------------- schedule
+def test_gradient_accumulation_computes_once_per_optimizer_step(tmp_path):
+    X, y = regression_data(32, 4)
+    spy = SpyLogger(str(tmp_path))
+    cb = CurvatureMonitor(metrics=["top_eig"], every_n_steps=1)
+    trainer = make_trainer(
+        tmp_path, [cb], logger=spy, max_steps=3, accumulate_grad_batches=2, precision="64-true"
+    )
+    trainer.fit(Regression(4, lr=0.01), loader(X, y, 4))
+    assert spy.curvature_steps() == [1, 2, 3]
+
+
+def test_log_spaced_schedule_and_fit_start_end(tmp_path):
+    X, y = regression_data(64, 3)
+    spy = SpyLogger(str(tmp_path))
+    cb = CurvatureMonitor(
+        metrics=["top_eig"], schedule="log", points_per_decade=4, at_fit_start=True, at_fit_end=True
+    )
+    trainer = make_trainer(tmp_path, [cb], logger=spy, max_steps=13, precision="64-true")
+    trainer.fit(Regression(3, lr=0.01), loader(X, y, 4))
+    assert StepSchedule("log", points_per_decade=4).steps(13) == [1, 2, 4, 6, 10]
+    assert spy.curvature_steps() == [0, 1, 2, 4, 6, 10, 13]
+
+
+def test_schedule_unit():
+    every = StepSchedule("every", every_n_steps=3)
+    assert [s for s in range(0, 10) if every(s)] == [3, 6, 9]
+    log = StepSchedule("log", points_per_decade=10)
+    steps = log.steps(1000)
+    assert steps[:4] == [1, 2, 3, 4] and steps[-1] == 1000 and 100 in steps
+    assert 25 <= len(steps) <= 31  # about 10 per decade (fewer in the first, integer steps)
+    ratios = [b / a for a, b in zip(steps[10:], steps[11:])]
+    assert all(1.2 < r < 1.33 for r in ratios), ratios  # 10**(1/10) = 1.259
+
+
+def test_overhead_budget_unit():
+    b = OverheadBudget(0.1)
+    assert b.allowed(0.0)  # unknown cost: allowed
+    b.record(1.0)  # spent 1 s
+    assert not b.allowed(5.0)  # 2 s of callback vs 4 s of training: 50 %
+    assert not b.allowed(20.0)  # 2 / 19
+    assert b.allowed(21.0)  # 2 / 20 = 10 %
+    assert b.overhead(21.0) == pytest.approx(1 / 20)
+    assert OverheadBudget(None).allowed(0.0)
+
+
+def test_overhead_budget_spaces_calls_out(tmp_path):
+    X, y = regression_data(64, 3)
+    spy = SpyLogger(str(tmp_path))
+
+    class Slow(CurvatureMetric):
+        name = "slow"
+
+        def compute(self, ctx):
+            import time
+
+            time.sleep(0.05)
+            return MetricOutput(scalars={"slow/x": 1.0})
+
+    cb = CurvatureMonitor(metrics=[Slow()], every_n_steps=1, overhead_budget=0.05)
+    trainer = make_trainer(tmp_path, [cb], logger=spy, max_steps=30, precision="64-true")
+    with pytest.warns(UserWarning, match="overhead budget"):
+        trainer.fit(Regression(3, lr=0.01), loader(X, y, 2))
+    steps = spy.curvature_steps(P + "slow/x")
+    assert 1 <= len(steps) < 10, steps
+    assert cb.budget.skipped > 0
+
+
+# --------------------------------------------------------------------------- loggers, errors
+def test_no_logger_is_a_configuration_error(tmp_path):
+    X, y = regression_data(16, 3)
+    trainer = make_trainer(tmp_path, [CurvatureMonitor()], logger=False, max_steps=1)
+    with pytest.raises(MisconfigurationException, match="no logger"):
+        trainer.fit(Regression(3), loader(X, y, 8))
+
+
+def test_missing_loss_function_is_a_configuration_error(tmp_path):
+    X, y = regression_data(16, 3)
+    model = Regression(3)
+    del model.loss_fn
+    model.loss_fn = None  # not callable
+    trainer = make_trainer(tmp_path, [CurvatureMonitor()], max_steps=1)
+    with pytest.raises(MisconfigurationException, match="no loss function"):
+        trainer.fit(model, loader(X, y, 8))
+
+
+def test_csv_logger_only_warns_once_and_logs_scalars(tmp_path):
+    X, y = regression_data(16, 3)
+    spy = SpyLogger(str(tmp_path))
+    cb = CurvatureMonitor(metrics=["top_eig", "density"], every_n_steps=1)
+    trainer = make_trainer(tmp_path, [cb], logger=spy, max_steps=2, precision="64-true")
+    with pytest.warns(UserWarning, match="no TensorBoard logger") as rec:
+        trainer.fit(Regression(3), loader(X, y, 8))
+    assert sum("no TensorBoard" in str(w.message) for w in rec) == 1
+    assert spy.curvature_steps() == [1, 2]
+    assert P + "hessian/negative_mass" in spy.calls[-1][1]
+
+
+def test_fast_dev_run_computes_once(tmp_path):
+    X, y = regression_data(16, 3)
+    cb = CurvatureMonitor(metrics=["top_eig", "trace", "density"], every_n_steps=100)
+    trainer = make_trainer(tmp_path, [cb], fast_dev_run=True, precision="64-true")
+    trainer.fit(Regression(3), loader(X, y, 8))
+    assert cb._num_calls == 1
+    assert math.isfinite(float(trainer.callback_metrics[P + "hessian/top_eig_0"]))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"every_n_steps": 0}, "every_n_steps"),
+        ({"every_n_steps": 2.5}, "every_n_steps"),
+        ({"metrics": ["top_eig", "nope"]}, "unknown metric 'nope'"),
+        ({"metrics": "top_eig"}, "metrics must be a list"),
+        ({"metrics": []}, "metrics is empty"),
+        ({"metrics": ["top_eig", TopEigenvalues()]}, "duplicates"),
+        ({"schedule": "sometimes"}, "schedule"),
+        ({"probe": "random"}, "probe"),
+        ({"probe": 0}, "probe"),
+        ({"reduction": "avg"}, "reduction"),
+        ({"batchnorm": "train"}, "batchnorm"),
+        ({"dropout": True}, "dropout"),
+        ({"hessian_mode": "fast"}, "hessian_mode"),
+        ({"overhead_budget": 0}, "overhead_budget"),
+        ({"overhead_budget": "5%"}, "overhead_budget"),
+        ({"on_error": "ignore"}, "on_error"),
+        ({"top_k": 0}, "top_k"),
+        ({"loss_fn": 3}, "loss_fn"),
+        ({"jacobian_layer": 3}, "jacobian_layer"),
+    ],
+)
+def test_bad_arguments_raise_misconfiguration(kwargs, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        CurvatureMonitor(**kwargs)
+
+
+# --------------------------------------------------------------------------- failures
+def _nan_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return ((out - target) ** 2).mean() * float("nan")
+
+
+def test_failing_metric_is_logged_as_nan_with_one_warning(tmp_path):
+    X, y = regression_data(16, 3)
+    cb = CurvatureMonitor(_nan_loss, metrics=["top_eig", "trace"], every_n_steps=1)
+    trainer = make_trainer(tmp_path, [cb], max_steps=3, precision="64-true")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer.fit(Regression(3, lr=0.01), loader(X, y, 4))
+    msgs = [str(w.message) for w in rec if "logged as NaN" in str(w.message)]
+    assert len(msgs) == 2, msgs  # one per metric, not one per call
+    assert any("'top_eig'" in m and "NaN or Inf" in m for m in msgs)
+    s, _ = read_events(trainer.logger.log_dir)
+    assert [st for st, _ in s[P + "hessian/top_eig_0"]] == [1, 2, 3]
+    assert all(math.isnan(v) for _, v in s[P + "hessian/top_eig_0"] + s[P + "hessian/trace"])
+    assert trainer.global_step == 3  # training went on
+
+
+def test_on_error_raise_propagates(tmp_path):
+    X, y = regression_data(16, 3)
+    cb = CurvatureMonitor(_nan_loss, metrics=["top_eig"], every_n_steps=1, on_error="raise")
+    trainer = make_trainer(tmp_path, [cb], max_steps=2, precision="64-true")
+    with pytest.raises(NonFiniteError):
+        trainer.fit(Regression(3), loader(X, y, 4))
+
+
+# --------------------------------------------------------------------------- resume
+def test_resume_continues_schedule_without_duplicates(tmp_path):
+    X, y = regression_data(64, 3)
+    dl = loader(X, y, 4)
+
+    def monitor() -> CurvatureMonitor:
+        return CurvatureMonitor(metrics=["top_eig"], every_n_steps=2, at_fit_start=True)
+
+    cb1 = monitor()
+    t1 = make_trainer(tmp_path, [cb1], max_steps=5, precision="64-true")
+    t1.fit(Regression(3, lr=0.01), dl)
+    ckpt = str(tmp_path / "mid.ckpt")
+    t1.save_checkpoint(ckpt)
+    saved = torch.load(ckpt, weights_only=True)["callbacks"][cb1.state_key]
+    assert saved["last_step"] == 5 and saved["num_calls"] == 3 and len(saved["probe"]) == 1
+    assert saved["metrics"]["top_eig"]["vectors"][""].shape == (4, 1)
+
+    cb2 = monitor()
+    t2 = make_trainer(tmp_path, [cb2], max_steps=9, precision="64-true")
+    t2.fit(Regression(3, lr=0.01), dl, ckpt_path=ckpt)
+    assert cb2._num_calls == 5  # 0, 2, 4 restored; 6, 8 new (no second fit start)
+    torch.testing.assert_close(cb2._probe[0][0], X[:4])  # the probe batch of the first run
+    s, _ = read_events(t2.logger.log_dir)
+    assert sorted(st for st, _ in s[P + "hessian/top_eig_0"]) == [0, 2, 4, 6, 8]
+
+
+# --------------------------------------------------------------------------- validation
+def test_validation_standalone_and_during_fit(tmp_path):
+    X, y = regression_data(32, 4)
+    model = Regression(4, lr=0.0)
+    cb = CurvatureMonitor(metrics=["top_eig", "trace"], validation=True, every_n_steps=100)
+    trainer = make_trainer(
+        tmp_path, [cb], max_steps=2, precision="64-true", limit_val_batches=2, val_check_interval=2
+    )
+    trainer.validate(model, loader(X, y, 8))  # inference mode
+    H = closed_form_hessian(model, X[:8])
+    top = float(trainer.callback_metrics[P + "val/hessian/top_eig_0"])
+    assert top == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-8)
+    trainer.fit(model, loader(X, y, 8), loader(X, y, 8))  # no_grad validation during fit
+    s, _ = read_events(trainer.logger.log_dir)
+    assert [st for st, _ in s[P + "val/hessian/trace"]] == [0, 2]
+    assert _single(s, P + "val/hessian/trace") == pytest.approx(float(H.trace()), rel=1e-6)
