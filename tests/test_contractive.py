@@ -14,6 +14,7 @@ from torch.autograd.functional import jacobian as autograd_jacobian
 
 from nncurv.contractive import (
     ContractiveLoss,
+    batch_products_are_per_sample,
     contractive_penalty,
     higher_order_penalty,
     sigmoid_closed_form,
@@ -22,6 +23,17 @@ from nncurv.jacobians import jacobian_frobenius_sq
 from tests.conftest import assert_close
 
 DT = torch.float64
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small products are dispatch-bound: one thread avoids contention on shared CI machines."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -372,3 +384,58 @@ def test_example_runs_in_quick_mode(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "probe accuracy" in proc.stdout
     assert (tmp_path / "contractive_autoencoder.png").stat().st_size > 10_000
+
+
+# ------------------------------------------------------------------ batched autograd path
+@pytest.mark.parametrize("method", ["exact", "hutchinson", "hutch++"])
+@pytest.mark.parametrize("side", ["input", "output"])
+def test_batched_products_equal_vmap_products(method: str, side: str) -> None:
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 4)).to(DT)
+    enc.train()  # BatchNorm is evaluated with its running statistics either way
+    x = torch.randn(7, 6, dtype=DT)
+    kw = {"method": method, "num_probes": 6, "side": side, "seed": 3, "reduction": "none"}
+    a = contractive_penalty(enc, x, **kw)  # type: ignore[arg-type]
+    b = contractive_penalty(enc, x, vectorize="batch", **kw)  # type: ignore[arg-type]
+    assert_close(b, a, rtol=1e-12, what=f"batched vs vmap ({method}, {side})")
+    for g, r in zip(_grads(b.sum(), enc), _grads(a.sum(), enc)):
+        if r is not None:
+            assert_close(g, r, rtol=1e-10, atol=1e-14, what="gradient")
+    with torch.no_grad():
+        assert not contractive_penalty(enc, x, vectorize="batch", **kw).requires_grad  # type: ignore[arg-type]
+
+
+class _MixesSamples(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x - x.mean(0, keepdim=True))
+
+
+def test_contractive_loss_checks_that_batching_is_exact() -> None:
+    x = torch.randn(6, 5, dtype=DT)
+    enc = nn.Sequential(nn.Linear(5, 4), nn.Tanh()).to(DT)
+    assert batch_products_are_per_sample(enc, x)
+    assert not batch_products_are_per_sample(_MixesSamples(), x)
+    crit = ContractiveLoss(method="hutchinson", num_probes=3)
+    crit(enc, x)
+    assert crit._checked[id(enc)] == "batch"
+    mixer = _MixesSamples()
+    with pytest.warns(UserWarning, match="mixes samples"):
+        got = crit(mixer, x)
+    assert crit._checked[id(mixer)] == "vmap"
+    # the per-sample (vmap) value: each sample alone gives x - x = 0, a constant output
+    assert float(got) == 0.0
+
+
+def test_closed_form_reuses_hidden_units() -> None:
+    enc = _sigmoid_encoder()
+    x = torch.randn(8, 7, dtype=DT)
+    h = enc(x)
+    a = contractive_penalty(enc, x, hidden=h)
+    b = contractive_penalty(enc, x)
+    assert_close(a, b, rtol=1e-14)
+    for g, r in zip(_grads(a, enc), _grads(b, enc)):
+        assert_close(g, r, rtol=1e-12)
+    with pytest.raises(ValueError, match="hidden must be"):
+        contractive_penalty(enc, x, hidden=h[:, :2])
+    crit = ContractiveLoss(0.5)
+    assert_close(crit(enc, x, h), 0.5 * b, rtol=1e-14)
