@@ -10,6 +10,7 @@ from torch import nn
 from torch.func import jacrev
 
 from nncurv._jacobian_core import DenseBatchedJacobian
+from nncurv._jacobian_norms import spectral_lanczos, spectral_power
 from nncurv.jacobians import (
     frobenius_from_operator,
     jacobian_frobenius_sq,
@@ -282,10 +283,30 @@ def test_spectral_norm_power_and_exact_match_svd() -> None:
     assert_close(power.value, s[:, 0], rtol=1e-6, what="power iteration")
     assert bool(power.converged.all()) and power.num_iters > 0
     assert power.num_products == 2 * power.num_iters + 2
+    lanczos = spectral_norm(model, x, layer=layer, method="lanczos", tol=1e-10)
+    assert_close(lanczos.value, s[:, 0], rtol=1e-9, what="Lanczos")
+    assert bool(lanczos.converged.all()) and bool((lanczos.residual <= 1e-10).all())
     exact = spectral_norm(model, x, layer=layer, method="exact")
     assert_close(exact.value, s[:, 0], rtol=1e-10, what="exact spectral norm")
     assert_close(singular_values(model, x, layer=layer), s, rtol=1e-10, atol=1e-14)
     assert not power.value.requires_grad
+
+
+def test_lanczos_beats_power_iteration_on_close_singular_values() -> None:
+    g = torch.Generator().manual_seed(0)
+    B, m, n = 4, 30, 50
+    U, _ = torch.linalg.qr(torch.randn(B, m, m, dtype=DT, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(B, n, m, dtype=DT, generator=g))
+    s = torch.linspace(1.0, 0.1, m, dtype=DT).expand(B, -1).clone()
+    s[:, 1] = 0.98  # sigma_2 / sigma_1 = 0.98: power iteration needs hundreds of steps
+    J = U @ torch.diag_embed(s) @ V.transpose(1, 2)
+    lz = spectral_lanczos(DenseBatchedJacobian(J), max_iters=200, tol=1e-10, generator=g)
+    pw = spectral_power(DenseBatchedJacobian(J), max_iters=200, tol=1e-10, generator=g)
+    assert_close(lz[0], s[:, 0], rtol=1e-9, what="Lanczos")
+    assert bool(lz[2].all()) and lz[3] <= 30
+    assert not bool(pw[2].all())  # power iteration has not converged after 200 steps
+    pw30 = spectral_power(DenseBatchedJacobian(J), max_iters=30, tol=1e-10, generator=g)
+    assert float((pw30[0] - 1).abs().max()) > 1e-4  # and is inaccurate at Lanczos' budget
 
 
 def test_singular_values_refuses_large_layers() -> None:
