@@ -1,0 +1,95 @@
+"""CurvatureMonitor under DDP (2 CPU processes, gloo, ddp_spawn): the union of the probe batches."""
+
+from __future__ import annotations
+
+import glob
+
+import pytest
+import torch
+from nncurv.callbacks import CurvatureMonitor
+
+from tests.test_callback_common import (  # noqa: F401 - one_thread is a fixture
+    QUIET,
+    Regression,
+    closed_form_gradient,
+    closed_form_hessian,
+    make_trainer,
+    one_thread,
+    read_events,
+    regression_data,
+)
+
+pytestmark = [
+    pytest.mark.distributed,
+    pytest.mark.usefixtures("one_thread"),
+    *[pytest.mark.filterwarnings(q) for q in QUIET],
+]
+
+P = "curvature/"
+
+
+class RankSampler(torch.utils.data.Sampler):
+    """Rank r reads samples r, r + world, ... (chosen here, so the test knows the union)."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __iter__(self):
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return iter(range(rank, self.n, world))
+
+    def __len__(self) -> int:
+        return self.n // 2
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_two_ranks_log_the_values_of_the_union_batch(tmp_path):
+    X, y = regression_data(32, 4)
+    model = Regression(4, lr=0.0)
+    cb = CurvatureMonitor(
+        metrics=["top_eig", "min_eig", "trace", "gradient", "layers"],
+        top_k=2,
+        every_n_steps=2,
+        overhead_budget=10.0,  # never binding, but the decision is broadcast from rank 0
+    )
+    trainer = make_trainer(
+        tmp_path,
+        [cb],
+        max_steps=4,
+        precision="64-true",
+        strategy="ddp_spawn",
+        devices=2,
+        use_distributed_sampler=False,
+    )
+    data = torch.utils.data.TensorDataset(X, y)
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4, sampler=RankSampler(32)))
+
+    # rank r reads samples r, r+2, ...: the first batches of the two ranks (the fixed probes)
+    # together hold samples 0..7.
+    Xu, yu = X[:8], y[:8]
+    H = closed_form_hessian(model, Xu)
+    lam = torch.linalg.eigvalsh(H)
+    g = closed_form_gradient(model, Xu, yu)
+    expected = {
+        "hessian/top_eig_0": lam[-1],
+        "hessian/top_eig_1": lam[-2],
+        "hessian/min_eig": lam[0],
+        "hessian/trace": H.trace(),
+        "gradient/norm": g.norm(),
+        "gradient/curvature": g @ H @ g / (g @ g),
+        "layer/lin/top_eig": lam[-1],
+    }
+    events = glob.glob(f"{tmp_path}/**/events.out.tfevents.*", recursive=True)
+    assert len(events) == 1, events  # only rank 0 writes
+    scalars, _ = read_events(trainer.logger.log_dir)
+    for key, ref in expected.items():
+        got = scalars[P + key]
+        assert [s for s, _ in got] == [2, 4], (key, got)  # once per step: no duplicate writer
+        for _, v in got:
+            assert v == pytest.approx(float(ref), rel=1e-6), key
+        # callback_metrics come back from rank 0 to the launching process
+        assert float(trainer.callback_metrics[P + key]) == pytest.approx(float(ref), rel=1e-10)
+    # the single-process value on one rank's batch differs: the test can tell them apart
+    lam0 = torch.linalg.eigvalsh(closed_form_hessian(model, X[0:8:2]))[-1]
+    assert abs(float(lam0) - float(lam[-1])) > 1e-3
