@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from nncurv._jacobian_core import JacobianMode, PerSampleJacobian
+from nncurv._jacobian_operator import JacobianMode, PerSampleJacobian
 
 __all__ = [
     "ProbeSide",

@@ -28,14 +28,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from nncurv._jacobian_core import (
-    JacobianMode,
-    PerSampleJacobian,
-    Vectorize,
-    Wrt,
-    new_generator,
-    per_sample_jacobian,
-)
+from nncurv._jacobian_core import Vectorize, Wrt, new_generator, per_sample_jacobian
 from nncurv._jacobian_norms import (
     Distribution,
     ProbeSide,
@@ -46,6 +39,7 @@ from nncurv._jacobian_norms import (
     spectral_lanczos,
     spectral_power,
 )
+from nncurv._jacobian_operator import DenseBatchedJacobian, JacobianMode, PerSampleJacobian
 
 __all__ = [
     "FrobeniusResult",
@@ -59,7 +53,9 @@ __all__ = [
     "spectral_norm",
     "singular_values",
     "linearization_error",
+    "frobenius_from_operator",
     "PerSampleJacobian",
+    "DenseBatchedJacobian",
 ]
 
 FrobeniusMethod = Literal["exact", "hutchinson", "hutch++"]
@@ -268,7 +264,33 @@ def frobenius_from_operator(
     seed: int = 0,
     mode: JacobianMode = "auto",
 ) -> FrobeniusResult:
-    """:func:`jacobian_frobenius_sq` for a :class:`PerSampleJacobian` (any batch of Jacobians)."""
+    r"""Squared Frobenius norms of any batch of Jacobians known through products.
+
+    The algorithm behind :func:`jacobian_frobenius_sq`, for a :class:`PerSampleJacobian` built
+    from a model or from explicit matrices (:class:`DenseBatchedJacobian`).
+
+    Args:
+        op: The batch of Jacobians.
+        method: ``"exact"``, ``"hutchinson"`` or ``"hutch++"`` (see :func:`jacobian_frobenius_sq`).
+        num_probes: Probes (Hutchinson) or total products (Hutch++) per sample.
+        side: ``"auto"`` (smaller side), ``"input"`` or ``"output"``.
+        distribution: Hutchinson probes, ``"rademacher"`` or ``"gaussian"``.
+        generator: Source of the probes; default: seeded with ``seed``.
+        seed: Seed of the default generator.
+        mode: Dense Jacobian mode for ``"exact"``: ``"auto"``, ``"rev"`` or ``"fwd"``.
+
+    Returns:
+        A :class:`FrobeniusResult`.
+
+    Example:
+        >>> import torch
+        >>> g = torch.Generator().manual_seed(0)
+        >>> J = torch.randn(1000, 3, 4, dtype=torch.float64, generator=g)  # 1000 samples
+        >>> r = frobenius_from_operator(DenseBatchedJacobian(J), method="hutchinson", num_probes=8)
+        >>> z = (r.mean - J.square().sum((1, 2)).mean()) / r.mean_std_error
+        >>> bool(z.abs() < 4)
+        True
+    """
     _check_probes(method, num_probes)
     probe_side = choose_side(op, side)
     gen = new_generator(op.device, generator, seed)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.func import jacrev
 
-from nncurv._jacobian_core import DenseBatchedJacobian
+from nncurv._jacobian_operator import DenseBatchedJacobian
 from nncurv._jacobian_norms import spectral_lanczos, spectral_power
 from nncurv.jacobians import (
     frobenius_from_operator,
@@ -332,7 +332,7 @@ def test_linearization_error_falls_like_eps_squared() -> None:
 
 
 def test_linearization_error_detects_a_wrong_jacobian(monkeypatch: pytest.MonkeyPatch) -> None:
-    import nncurv._jacobian_core as core
+    import nncurv._jacobian_operator as core
 
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh()).to(DT)
     x = torch.randn(4, 3, dtype=DT)
