@@ -319,25 +319,22 @@ class HessianTrace(CurvatureMetric):
 class SpectralDensityMetric(CurvatureMetric):
     """Hessian spectral density by stochastic Lanczos quadrature.
 
-    Logged as a TensorBoard histogram (``hessian/spectral_density``, ``num_bins`` bins, counts
-    in eigenvalues) and, with matplotlib installed and ``figure=True``, a log-scale figure;
-    also the scalar ``hessian/negative_mass`` (fraction of the spectrum below zero).
+    Logged as a native TensorBoard histogram (``hessian/spectral_density``, 60 bins, counts in
+    eigenvalues) and, with matplotlib installed and ``figure=True``, a log-scale figure
+    (``hessian/spectral_density_plot``); also the scalar ``hessian/negative_mass`` (fraction of
+    the spectral mass below zero).
 
     Args:
         num_steps: Lanczos steps per probe.
         num_probes: Number of probes.
-        num_bins: Histogram bins.
         figure: Also log a matplotlib figure.
     """
 
     name = "density"
 
-    def __init__(
-        self, num_steps: int = 30, *, num_probes: int = 1, num_bins: int = 60, figure: bool = True
-    ) -> None:
+    def __init__(self, num_steps: int = 30, *, num_probes: int = 1, figure: bool = True) -> None:
         self.num_steps = num_steps
         self.num_probes = num_probes
-        self.num_bins = num_bins
         self.figure = figure
 
     def names(self, ctx: MetricContext) -> list[str]:
@@ -357,7 +354,7 @@ class SpectralDensityMetric(CurvatureMetric):
             densities={"hessian/spectral_density": slq},
         )
         if self.figure:
-            out.figures["hessian/spectral_density"] = lambda: plot_spectral_density(slq)
+            out.figures["hessian/spectral_density_plot"] = lambda: plot_spectral_density(slq)
         return out
 
 

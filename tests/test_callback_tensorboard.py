@@ -1,0 +1,121 @@
+"""A real TensorBoard server finds the CurvatureMonitor's scalars, histograms and figures."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+from nncurv.callbacks import CurvatureMonitor
+
+from tests.test_callback_common import (  # noqa: F401 - one_thread is a fixture
+    QUIET,
+    Regression,
+    loader,
+    make_trainer,
+    one_thread,
+    read_events,
+    regression_data,
+)
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.usefixtures("one_thread"),
+    *[pytest.mark.filterwarnings(q) for q in QUIET],
+]
+
+TENSORBOARD = Path(sys.executable).parent / "tensorboard"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _get(port: int, route: str) -> Any:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{route}", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
+def _tags(payload: dict[str, dict[str, Any]]) -> set[str]:
+    return {tag for run in payload.values() for tag in run}
+
+
+@pytest.mark.skipif(not TENSORBOARD.exists(), reason="no tensorboard executable")
+def test_tensorboard_server_shows_scalars_histograms_and_images(tmp_path):
+    pytest.importorskip("matplotlib")
+    X, y = regression_data(32, 4)
+    cb = CurvatureMonitor(
+        metrics=["top_eig", "trace", "density", "diagonal"], top_k=2, every_n_steps=2
+    )
+    trainer = make_trainer(tmp_path / "logs", [cb], max_steps=4, precision="64-true")
+    trainer.fit(Regression(4, lr=0.01), loader(X, y, 8))
+    # the event files hold everything (custom-scalars layout included) before the server reads
+    _, kinds = read_events(trainer.logger.log_dir)
+    assert "custom_scalars__config__" in kinds["tensors"]
+
+    port = _free_port()
+    proc = subprocess.Popen(
+        [
+            str(TENSORBOARD),
+            "--logdir",
+            str(tmp_path / "logs"),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "--load_fast",
+            "false",
+            "--reload_interval",
+            "1",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    want_scalars = {"curvature/hessian/top_eig_0", "curvature/hessian/top_eig_1"}
+    want_scalars |= {"curvature/hessian/trace", "curvature/hessian/trace_stderr"}
+    want_hist = {"curvature/hessian/spectral_density", "curvature/hessian/diagonal/lin"}
+    want_img = {"curvature/hessian/spectral_density_plot"}
+    found: dict[str, set[str]] = {}
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "tensorboard exited"
+            try:
+                found = {
+                    "scalars": _tags(_get(port, "/data/plugin/scalars/tags")),
+                    "histograms": _tags(_get(port, "/data/plugin/histograms/tags")),
+                    "images": _tags(_get(port, "/data/plugin/images/tags")),
+                }
+            except OSError:  # not listening yet
+                time.sleep(0.5)
+                continue
+            if (
+                want_scalars <= found["scalars"]
+                and want_hist <= found["histograms"]
+                and want_img <= found["images"]
+            ):
+                break
+            time.sleep(0.5)
+        assert want_scalars <= found.get("scalars", set()), found
+        assert want_hist <= found.get("histograms", set()), found
+        assert want_img <= found.get("images", set()), found
+        run = next(iter(_get(port, "/data/plugin/scalars/tags")))
+        series = _get(
+            port, f"/data/plugin/scalars/scalars?run={run}&tag=curvature/hessian/top_eig_0"
+        )
+        assert [point[1] for point in series] == [2, 4]  # (wall time, step, value) rows
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
