@@ -43,7 +43,7 @@ __all__ = [
 ContractiveMethod = Literal["auto", "closed_form", "exact", "hutchinson", "hutch++"]
 Reduction = Literal["mean", "sum", "none"]
 
-_EXACT_MAX_DIM = 256  # "auto" is exact while min(d_in, d_out) <= this
+_EXACT_MAX_DIM = 64  # "auto" is exact while min(d_in, d_out) <= this (exact costs that many passes)
 
 
 def _reduce(value: Tensor, reduction: str) -> Tensor:
@@ -174,7 +174,7 @@ def contractive_penalty(
     ``"hutchinson"`` (``num_probes`` random probes on the smaller side of :math:`J`; unbiased for
     the penalty and its gradient), ``"hutch++"`` (variance-reduced, ``num_probes >= 3``
     products) and ``"auto"`` (closed form when it applies, else exact while
-    ``min(d_in, d_out) <= 256``, else Hutchinson).
+    ``min(d_in, d_out) <= 64``, else Hutchinson with ``num_probes`` probes).
 
     Args:
         encoder: The encoder :math:`f` (the penalty is on the encoder only, not on the

@@ -439,3 +439,15 @@ def test_closed_form_reuses_hidden_units() -> None:
         contractive_penalty(enc, x, hidden=h[:, :2])
     crit = ContractiveLoss(0.5)
     assert_close(crit(enc, x, h), 0.5 * b, rtol=1e-14)
+
+
+def test_auto_method_choice() -> None:
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Linear(10, 8), nn.Tanh()).to(DT)
+    x = torch.randn(3, 10, dtype=DT)
+    assert_close(contractive_penalty(small, x), _dense_penalty(small, x), rtol=1e-10)
+    big = nn.Sequential(nn.Linear(80, 70), nn.Tanh()).to(DT)  # min(d_in, d_out) > 64
+    xb = torch.randn(3, 80, dtype=DT)
+    auto = contractive_penalty(big, xb, num_probes=2, seed=4)
+    hutch = contractive_penalty(big, xb, method="hutchinson", num_probes=2, seed=4)
+    assert torch.equal(auto, hutch)
