@@ -40,6 +40,7 @@ __all__ = [
     "LayerCurvature",
     "GradientCurvature",
     "JacobianNorm",
+    "InformationMetric",
 ]
 
 
@@ -64,6 +65,12 @@ class MetricOutput:
 class MetricContext:
     """Everything a metric needs at one call; operators are built lazily and shared.
 
+    Attributes:
+        results: Values metrics share within a call (``"top_eig"``: the largest eigenvalue).
+        notes: ``(key, message)`` pairs a metric reports for a value it logs as NaN; the
+            callback warns once per key.
+        extra_matvecs: Products spent outside the context's operators (a metric adds them).
+
     Args:
         problem: The curvature problem of the probe data at the current parameters.
         step: The optimizer step (``trainer.global_step``).
@@ -73,6 +80,11 @@ class MetricContext:
             same on every rank.
         hessian_mode: Mode of the :class:`~nncurv.operators.HessianOperator` (``"auto"`` probes
             once; the callback then keeps the mode that was chosen).
+        loss_fn: The loss (default: the problem's).
+        data: The probe data the problem was built from (for metrics that build their own
+            operators, e.g. the observed information).
+        problem_kwargs: The :class:`CurvatureProblem` options of ``problem`` (``params``,
+            ``batchnorm``, ``distributed``, ...), for the same purpose.
     """
 
     def __init__(
@@ -83,13 +95,21 @@ class MetricContext:
         lr: float | None,
         seed: int,
         hessian_mode: str,
+        loss_fn: Callable[..., Tensor] | None = None,
+        data: Any = None,
+        problem_kwargs: dict[str, Any] | None = None,
     ) -> None:
         self.problem = problem
         self.step = step
         self.lr = lr
         self.seed = seed
         self.hessian_mode = hessian_mode
+        self.loss_fn = loss_fn if loss_fn is not None else problem.loss_fn
+        self.data = data
+        self.problem_kwargs = dict(problem_kwargs or {})
         self.results: dict[str, Any] = {}
+        self.notes: list[tuple[str, str]] = []
+        self.extra_matvecs = 0
         self._ops: dict[str | None, HessianOperator] = {}
         self._blocks: dict[str, CurvatureProblem] | None = None
 
@@ -122,8 +142,8 @@ class MetricContext:
 
     @property
     def num_matvecs(self) -> int:
-        """Products spent so far by the operators of this context."""
-        return sum(op.num_matvecs for op in self._ops.values())
+        """Products spent so far by the operators of this context and by metrics' own."""
+        return sum(op.num_matvecs for op in self._ops.values()) + self.extra_matvecs
 
     def release(self) -> None:
         """Drop the operators and the graphs they cache."""
@@ -536,6 +556,148 @@ class JacobianNorm(CurvatureMetric):
         return MetricOutput(scalars={self._key: float(total[0] / total[1])})
 
 
+class InformationMetric(CurvatureMetric):
+    r"""Observed-information metrics: trace, log-determinant, effective dimension and TIC.
+
+    The observed information :math:`I = \sum_n \nabla^2[-\log p(y_n|x_n,\theta)]` of the probe
+    data (:func:`nncurv.information.observed_information`; the loss must be a recognised
+    negative log-likelihood, or ``assume_nll=True``; MSE needs ``noise_variance``). Logs
+    ``information/trace`` (± ``trace_stderr``), ``information/logdet`` of
+    :math:`I + \lambda\,\mathrm{Id}` and ``information/effective_dimension``
+    :math:`\sum_i \lambda_i/(\lambda_i+\alpha)` from one SLQ run, and Takeuchi's penalty
+    ``information/tic`` :math:`\operatorname{tr}((I+\delta)^{-1}C)` with :math:`C` the gradient
+    scatter (CG on probes; ``tic=False`` skips it). Away from a minimum the information is
+    indefinite: a value that is then undefined (a Ritz value below :math:`-\lambda`, CG meeting
+    negative curvature) is logged as NaN with one warning naming the cause.
+
+    Args:
+        prior_precision: :math:`\lambda` of the log-determinant.
+        alpha: :math:`\alpha` of the effective dimension (default ``prior_precision``).
+        trace_matvecs: Trace budget.
+        slq_probes: SLQ probes (at least 2 for a standard error).
+        slq_steps: Lanczos steps per probe.
+        tic: Also compute TIC.
+        tic_damping: :math:`\delta` (default ``prior_precision``).
+        tic_probes: Probes of TIC.
+        tic_max_iter: CG iterations per TIC solve.
+        noise_variance: :math:`\sigma^2` for MSE (a number or ``"estimate"``).
+        assume_nll: Accept an unrecognised loss as the negative log-likelihood.
+    """
+
+    name = "information"
+
+    def __init__(
+        self,
+        *,
+        prior_precision: float = 1.0,
+        alpha: float | None = None,
+        trace_matvecs: int = 20,
+        slq_probes: int = 2,
+        slq_steps: int = 20,
+        tic: bool = True,
+        tic_damping: float | None = None,
+        tic_probes: int = 4,
+        tic_max_iter: int = 50,
+        noise_variance: float | str | None = None,
+        assume_nll: bool = False,
+    ) -> None:
+        self.prior_precision = prior_precision
+        self.alpha = alpha
+        self.trace_matvecs = trace_matvecs
+        self.slq_probes = slq_probes
+        self.slq_steps = slq_steps
+        self.tic = tic
+        self.tic_damping = tic_damping
+        self.tic_probes = tic_probes
+        self.tic_max_iter = tic_max_iter
+        self.noise_variance = noise_variance
+        self.assume_nll = assume_nll
+
+    def names(self, ctx: MetricContext) -> list[str]:
+        keys = ["trace", "trace_stderr", "logdet", "logdet_stderr"]
+        keys += ["effective_dimension", "effective_dimension_stderr"]
+        keys += ["tic", "tic_stderr"] if self.tic else []
+        return [f"information/{k}" for k in keys]
+
+    def compute(self, ctx: MetricContext) -> MetricOutput:
+        from nncurv import information as inf
+
+        p = ctx.problem
+        kw = dict(ctx.problem_kwargs)
+        reduction = kw.pop("reduction", p.reduction)
+        common: dict[str, Any] = {"reduction": reduction, "noise_variance": self.noise_variance}
+        common.update(kw)
+        info = inf.observed_information(
+            p.model,
+            ctx.loss_fn,
+            ctx.data,
+            assume_nll=self.assume_nll,
+            mode=ctx.hessian_mode,
+            **common,
+        )
+        out: dict[str, float] = dict.fromkeys(self.names(ctx), math.nan)
+        try:
+            tr = _trace(info, self.trace_matvecs, "xtrace", ctx.generator(f"{self.name}/trace"))  # type: ignore[arg-type]
+            out["information/trace"] = tr.estimate
+            out["information/trace_stderr"] = tr.standard_error
+            slq = spectral_density(
+                info,
+                num_probes=self.slq_probes,
+                num_steps=self.slq_steps,
+                generator=ctx.generator(f"{self.name}/slq"),
+            )
+            for key, fn, par in [
+                ("logdet", inf.log_determinant, self.prior_precision),
+                (
+                    "effective_dimension",
+                    inf.effective_dimension,
+                    self.alpha or self.prior_precision,
+                ),
+            ]:
+                try:
+                    r = fn(info, par, density=slq)
+                    out[f"information/{key}"] = r.value
+                    out[f"information/{key}_stderr"] = r.standard_error
+                except ValueError as err:
+                    ctx.notes.append((f"information/{key}", f"undefined, logged as NaN: {err}"))
+            if self.tic:
+                self._tic(ctx, inf, info, common, out)
+        finally:
+            ctx.extra_matvecs += info.num_matvecs
+            info.release()
+        return MetricOutput(scalars=out)
+
+    def _tic(
+        self, ctx: MetricContext, inf: Any, info: Any, common: dict[str, Any], out: dict[str, float]
+    ) -> None:
+        p = ctx.problem
+        emp = inf.empirical_fisher(
+            p.model, ctx.loss_fn, ctx.data, assume_nll=self.assume_nll, **common
+        )
+        damping = self.prior_precision if self.tic_damping is None else self.tic_damping
+        try:
+            r = inf.takeuchi_criterion(
+                info,
+                inf.gradient_covariance(emp),
+                method="cg",
+                damping=damping,
+                num_probes=self.tic_probes,
+                max_iter=self.tic_max_iter,
+                tol=1e-6,
+                seed=int(ctx.generator(f"{self.name}/tic").initial_seed() % 2**31),
+            )
+            out["information/tic"] = r.value
+            out["information/tic_stderr"] = r.standard_error
+            if not r.converged:
+                ctx.notes.append(
+                    ("information/tic", f"CG did not converge in {self.tic_max_iter} iterations")
+                )
+        except (ValueError, inf.NotPositiveDefiniteError) as err:
+            ctx.notes.append(("information/tic", f"undefined, logged as NaN: {err}"))
+        finally:
+            emp.release()
+
+
 #: Metrics selectable by name in ``CurvatureMonitor(metrics=[...])``.
 BUILTIN: dict[str, Callable[[], CurvatureMetric]] = {
     "top_eig": TopEigenvalues,
@@ -546,4 +708,5 @@ BUILTIN: dict[str, Callable[[], CurvatureMetric]] = {
     "layers": LayerCurvature,
     "gradient": GradientCurvature,
     "jacobian": JacobianNorm,
+    "information": InformationMetric,
 }

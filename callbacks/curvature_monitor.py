@@ -281,11 +281,6 @@ class CurvatureMonitor(Callback):
                 built.append(JacobianNorm(jacobian_layer))
             elif isinstance(m, str) and m in BUILTIN:
                 built.append(BUILTIN[m]())
-            elif m == "information":
-                raise MisconfigurationException(
-                    "CurvatureMonitor: the 'information' metrics need nncurv.information, "
-                    "which this installation does not provide yet"
-                )
             else:
                 raise MisconfigurationException(
                     f"CurvatureMonitor: unknown metric {m!r}; choose from {sorted(BUILTIN)} or "
@@ -481,28 +476,33 @@ class CurvatureMonitor(Callback):
         costs: dict[str, tuple[float, int]] = {}
         lr = self._lr(trainer)
         assert self._loss is not None
+        kwargs: dict[str, Any] = {
+            "reduction": self.reduction,
+            "params": self.params,
+            "batchnorm": self.batchnorm,
+            "dropout": self.dropout,
+            "batch_format": self.batch_format,
+            "cache_batches": True,
+            "distributed": trainer.world_size > 1,
+            "seed": self.seed + step,
+        }
         with untouched(pl_module), self._precision(trainer, pl_module):
             try:
-                problem = CurvatureProblem(
-                    pl_module,
-                    self._loss,
-                    data,
-                    reduction=self.reduction,
-                    params=self.params,
-                    batchnorm=self.batchnorm,
-                    dropout=self.dropout,
-                    batch_format=self.batch_format,
-                    cache_batches=True,
-                    distributed=trainer.world_size > 1,
-                    seed=self.seed + step,
-                )
+                problem = CurvatureProblem(pl_module, self._loss, data, **kwargs)
             except Exception as err:
                 if self.on_error == "raise":
                     raise
                 self._warn_once("problem", f"CurvatureMonitor: cannot set up the problem: {err}")
                 return merged, costs
             ctx = MetricContext(
-                problem, step=step, lr=lr, seed=self.seed, hessian_mode=self.hessian_mode
+                problem,
+                step=step,
+                lr=lr,
+                seed=self.seed,
+                hessian_mode=self.hessian_mode,
+                loss_fn=self._loss,
+                data=data,
+                problem_kwargs=kwargs,
             )
             for metric in self.metrics:
                 _sync(pl_module)
@@ -520,6 +520,9 @@ class CurvatureMonitor(Callback):
                     res = MetricOutput(scalars=dict.fromkeys(_safe_names(metric, ctx), math.nan))
                 _sync(pl_module)
                 costs[metric.name] = (time.perf_counter() - t0, ctx.num_matvecs - n0)
+                for key, msg in ctx.notes:
+                    self._warn_once(key, f"CurvatureMonitor: {key}: {msg}")
+                ctx.notes.clear()
                 merged.scalars.update(res.scalars)
                 merged.histograms.update(res.histograms)
                 merged.densities.update(res.densities)

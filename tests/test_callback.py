@@ -11,6 +11,7 @@ import torch
 from nncurv.callbacks import (
     CurvatureMetric,
     CurvatureMonitor,
+    InformationMetric,
     JacobianNorm,
     MetricOutput,
     OverheadBudget,
@@ -366,3 +367,40 @@ def test_validation_standalone_and_during_fit(tmp_path):
     s, _ = read_events(trainer.logger.log_dir)
     assert [st for st, _ in s[P + "val/hessian/trace"]] == [0, 2]
     assert _single(s, P + "val/hessian/trace") == pytest.approx(float(H.trace()), rel=1e-6)
+
+
+# --------------------------------------------------------------------------- information
+def test_observed_information_metrics_of_linear_gaussian_regression(tmp_path):
+    """MSE with noise variance s2: I = A^T A / s2, C = sum_n (g_n - gbar)(g_n - gbar)^T."""
+    X, y = regression_data(32, 4)
+    model = Regression(4, lr=0.0)
+    s2, lam = 0.5, 2.0
+    metric = InformationMetric(
+        noise_variance=s2,
+        prior_precision=lam,
+        slq_probes=40,
+        slq_steps=5,
+        tic_probes=300,
+        tic_max_iter=20,
+    )
+    cb = CurvatureMonitor(metrics=[metric], every_n_steps=2, probe_data=(X, y))
+    trainer = make_trainer(tmp_path, [cb], max_steps=2, precision="64-true")
+    trainer.fit(model, loader(X, y, 8))
+    got = {k[len(P) :]: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(P)}
+
+    A = torch.cat([X, torch.ones(32, 1, dtype=X.dtype)], dim=1)
+    info = A.T @ A / s2
+    mu = torch.linalg.eigvalsh(info)
+    w = torch.cat([model.lin.weight.detach().reshape(-1), model.lin.bias.detach()])
+    G = -(y.reshape(-1) - A @ w)[:, None] * A / s2  # per-sample gradients of the NLL
+    Gc = G - G.mean(0)
+    tic = torch.trace(torch.linalg.solve(info + lam * torch.eye(5, dtype=X.dtype), Gc.T @ Gc))
+    assert got["information/trace"] == pytest.approx(float(info.trace()), rel=1e-10)
+    for key, ref in [
+        ("logdet", torch.log(mu + lam).sum()),
+        ("effective_dimension", (mu / (mu + lam)).sum()),
+        ("tic", tic),
+    ]:
+        se = got[f"information/{key}_stderr"]
+        assert 0 < se < 0.2 * abs(float(ref)), (key, se)
+        assert abs(got[f"information/{key}"] - float(ref)) <= 4 * se, (key, got, float(ref))

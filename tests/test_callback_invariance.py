@@ -7,7 +7,13 @@ from typing import Any
 import pytest
 import pytorch_lightning as pl
 import torch
-from nncurv.callbacks import CurvatureMetric, CurvatureMonitor, MetricOutput, SpectralDensityMetric
+from nncurv.callbacks import (
+    CurvatureMetric,
+    CurvatureMonitor,
+    InformationMetric,
+    MetricOutput,
+    SpectralDensityMetric,
+)
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -16,13 +22,15 @@ from tests.test_callback_common import QUIET, make_trainer, one_thread  # noqa: 
 pytestmark = [
     pytest.mark.usefixtures("one_thread"),
     *[pytest.mark.filterwarnings(q) for q in QUIET],
+    pytest.mark.filterwarnings("ignore:CurvatureMonitor. information/"),  # indefinite: NaN
 ]
 
 NAMES = ["top_eig", "min_eig", "trace", "gradient", "layers", "diagonal", "jacobian"]
 
 
 def all_metrics() -> list[Any]:
-    return [*NAMES, SpectralDensityMetric(10, figure=False)]
+    info = InformationMetric(slq_steps=8, tic_probes=2, tic_max_iter=10)
+    return [*NAMES, SpectralDensityMetric(10, figure=False), info]
 
 
 class Disturbing(CurvatureMetric):
