@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from torch.func import jacrev
 
-from nncurv._jacobian_operator import DenseBatchedJacobian
 from nncurv._jacobian_norms import spectral_lanczos, spectral_power
+from nncurv._jacobian_operator import DenseBatchedJacobian
 from nncurv.jacobians import (
     frobenius_from_operator,
     jacobian_frobenius_sq,
