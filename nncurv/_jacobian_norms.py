@@ -119,6 +119,7 @@ def frobenius_hutchpp(
     num_probes: int,
     side: Literal["input", "output"],
     generator: torch.Generator,
+    distribution: Distribution = "rademacher",
 ) -> tuple[Tensor, Tensor]:
     r"""Hutch++-style estimate of :math:`\|J_b\|_F^2` and its standard error, per sample.
 
@@ -128,11 +129,14 @@ def frobenius_hutchpp(
         \|J\|_F^2 = \|Q^\top J\|_F^2 + \|(I - QQ^\top) J\|_F^2,
 
     the first term is computed exactly with :math:`k` transposed products and the second by
-    Hutchinson with :math:`k'` fresh Gaussian probes (Meyer, Musco, Musco & Woodruff, "Hutch++",
-    SOSA 2021, adapted to Frobenius norms). :math:`Q` is held fixed (detached): the identity holds
-    for any orthonormal :math:`Q`, so value and gradient stay unbiased, and the variance only
-    involves the tail :math:`\sum_{i>k} \sigma_i^4` of the spectrum. The budget ``num_probes``
-    (at least 3) is split as :math:`k = \lfloor m/3 \rfloor`, :math:`k' = m - 2k`.
+    Hutchinson with :math:`k'` fresh probes drawn from ``distribution`` (Meyer, Musco, Musco &
+    Woodruff, "Hutch++", SOSA 2021, adapted to Frobenius norms). :math:`Q` is held fixed
+    (detached): the identity holds for any orthonormal :math:`Q`, so value and gradient stay
+    unbiased, and the variance only
+    involves the tail :math:`\sum_{i>k} \sigma_i^4` of the spectrum. It pays off once the
+    sketch size :math:`k` exceeds the number of dominant singular values; below that, plain
+    Hutchinson with Rademacher probes is usually better. The budget ``num_probes`` (at least 3)
+    is split as :math:`k = \lfloor m/3 \rfloor`, :math:`k' = m - 2k`.
     """
     A, At, n, _ = _sides(op, side)
     k = num_probes // 3
@@ -143,7 +147,9 @@ def frobenius_hutchpp(
         Y = A(S)  # (B, m_img, k)
     Q = torch.linalg.qr(Y.detach(), mode="reduced").Q  # orthonormal basis of the sketch
     top = At(Q).square().sum(dim=(1, 2))
-    G = torch.randn((op.batch, n, k_res), generator=generator, device=device, dtype=dtype)
+    G = draw_probes(
+        (op.batch, n, k_res), distribution, dtype=dtype, device=device, generator=generator
+    )
     AG = A(G)
     R = AG - Q @ (Q.transpose(1, 2) @ AG)
     samples = R.square().sum(dim=1)  # (B, k')

@@ -274,7 +274,8 @@ def frobenius_from_operator(
         method: ``"exact"``, ``"hutchinson"`` or ``"hutch++"`` (see :func:`jacobian_frobenius_sq`).
         num_probes: Probes (Hutchinson) or total products (Hutch++) per sample.
         side: ``"auto"`` (smaller side), ``"input"`` or ``"output"``.
-        distribution: Hutchinson probes, ``"rademacher"`` or ``"gaussian"``.
+        distribution: Hutchinson (and Hutch++ residual) probes, ``"rademacher"`` or
+            ``"gaussian"``.
         generator: Source of the probes; default: seeded with ``seed``.
         seed: Seed of the default generator.
         mode: Dense Jacobian mode for ``"exact"``: ``"auto"``, ``"rev"`` or ``"fwd"``.
@@ -304,7 +305,9 @@ def frobenius_from_operator(
             op, num_probes=num_probes, side=probe_side, distribution=distribution, generator=gen
         )
     else:
-        value, se = frobenius_hutchpp(op, num_probes=num_probes, side=probe_side, generator=gen)
+        value, se = frobenius_hutchpp(
+            op, num_probes=num_probes, side=probe_side, generator=gen, distribution=distribution
+        )
     _sync(op.device)
     return FrobeniusResult(
         value=value,
@@ -342,7 +345,8 @@ def jacobian_frobenius_sq(
       & Yaida, "Robust Learning with Jacobian Regularization", 2019).
     * ``"hutch++"``: exact on a sketched top subspace, Hutchinson on the rest (Meyer et al.,
       "Hutch++", 2021); ``num_probes`` is the total budget of products (at least 3). Far smaller
-      variance when the singular values decay, as they do for contractive encoders.
+      variance once a third of the budget exceeds the number of dominant singular values (on a
+      digits CAE encoder: 50x less than Hutchinson at 60 products, but 2x more at 9).
 
     Args:
         model: The network.
@@ -352,7 +356,8 @@ def jacobian_frobenius_sq(
         method: ``"exact"``, ``"hutchinson"`` or ``"hutch++"``.
         num_probes: Probes (Hutchinson) or total products (Hutch++) per sample.
         side: ``"auto"`` (smaller side), ``"input"`` or ``"output"``.
-        distribution: Hutchinson probes, ``"rademacher"`` or ``"gaussian"``.
+        distribution: Hutchinson (and Hutch++ residual) probes, ``"rademacher"`` or
+            ``"gaussian"``.
         generator: Source of the probes (on the inputs' device); default: seeded with ``seed``.
         seed: Seed of the default generator.
         vectorize: ``"vmap"`` (each sample on its own) or ``"batch"`` (plain autograd on the
