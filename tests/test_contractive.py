@@ -451,3 +451,14 @@ def test_auto_method_choice() -> None:
     auto = contractive_penalty(big, xb, num_probes=2, seed=4)
     hutch = contractive_penalty(big, xb, method="hutchinson", num_probes=2, seed=4)
     assert torch.equal(auto, hutch)
+
+
+def test_batch_reduction_is_explicit() -> None:
+    # the Theano-tutorial mistake: dividing by the batch size and then taking another mean
+    enc = _sigmoid_encoder()
+    x = torch.randn(8, 7, dtype=DT)
+    none = contractive_penalty(enc, x, reduction="none")
+    assert none.shape == (8,)
+    assert_close(contractive_penalty(enc, x), none.mean(), rtol=1e-14)
+    assert_close(contractive_penalty(enc, x, reduction="sum"), none.sum(), rtol=1e-14)
+    assert_close(contractive_penalty(enc, x), _dense_penalty(enc, x), rtol=1e-10)

@@ -441,3 +441,13 @@ def test_model_state_is_untouched_also_on_error() -> None:
     _assert_same(before, model)
     assert not model._forward_hooks and not model[3]._forward_hooks
     assert not model[1]._forward_pre_hooks
+
+
+def test_wrt_layer_input_products_and_linearization() -> None:
+    model, x, _, _ = _case("mlp_hidden")
+    z = model[0](x).detach()  # input of the tanh layer
+    d = 1 - torch.tanh(z) ** 2
+    v = torch.randn(z.shape, dtype=DT)
+    assert_close(layer_jvp(model, x, v, layer="1", wrt="layer_input"), d * v, rtol=1e-12)
+    assert_close(layer_vjp(model, x, v, layer="1", wrt="layer_input"), d * v, rtol=1e-12)
+    assert 1.9 < linearization_error(model, x, layer="1", wrt="layer_input").order < 2.1
