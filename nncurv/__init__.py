@@ -6,6 +6,24 @@ Lightning callback in :mod:`nncurv.callbacks`, landscape analysis, examples).
 """
 
 from nncurv.batches import BatchFormat, DictBatch
+from nncurv.contractive import (
+    ContractiveLoss,
+    contractive_penalty,
+    higher_order_penalty,
+    sigmoid_closed_form,
+)
+from nncurv.jacobians import (
+    FrobeniusResult,
+    LinearizationResult,
+    SpectralNormResult,
+    jacobian_frobenius_sq,
+    layer_jacobian,
+    layer_jvp,
+    layer_vjp,
+    linearization_error,
+    singular_values,
+    spectral_norm,
+)
 from nncurv.operators import (
     CallableOperator,
     GGNOperator,
@@ -24,6 +42,20 @@ __all__ = [
     "Batch",
     "BatchFormat",
     "CallableOperator",
+    "ContractiveLoss",
+    "FrobeniusResult",
+    "LinearizationResult",
+    "SpectralNormResult",
+    "contractive_penalty",
+    "higher_order_penalty",
+    "jacobian_frobenius_sq",
+    "layer_jacobian",
+    "layer_jvp",
+    "layer_vjp",
+    "linearization_error",
+    "sigmoid_closed_form",
+    "singular_values",
+    "spectral_norm",
     "CurvatureProblem",
     "DictBatch",
     "GGNOperator",
