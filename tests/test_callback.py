@@ -13,7 +13,9 @@ from nncurv.callbacks import (
     CurvatureMonitor,
     InformationMetric,
     JacobianNorm,
+    LayerCurvature,
     MetricOutput,
+    MinEigenvalue,
     OverheadBudget,
     StepSchedule,
     TopEigenvalues,
@@ -78,8 +80,13 @@ def test_logged_values_equal_closed_form_of_linear_regression(tmp_path, probe):
         m = 1 if probe == "fixed" else probe
         Xp, yp = X[: m * batch], y[: m * batch]
     cb = CurvatureMonitor(
-        metrics=["top_eig", "trace", "min_eig", "gradient", "layers"],
-        top_k=2,
+        metrics=[
+            TopEigenvalues(2, tol=1e-10),
+            "trace",
+            MinEigenvalue(tol=1e-10),
+            "gradient",
+            LayerCurvature(tol=1e-10),
+        ],
         every_n_steps=2,
         **kwargs,
     )
@@ -131,6 +138,9 @@ def test_edge_of_stability_and_learning_rate(tmp_path):
     assert _single(s, P + "gradient/lr") == pytest.approx(0.05)
     for (_, top), (_, ratio) in zip(s[P + "hessian/top_eig_0"], s[P + "stability/sharpness_ratio"]):
         assert ratio == pytest.approx(top * 0.05 / 2, rel=1e-6)
+    # the default (loose) tolerance still gives the sharpness to 1e-3 (H is constant here)
+    lam = float(torch.linalg.eigvalsh(closed_form_hessian(Regression(4), X[:8]))[-1])
+    assert all(abs(v - lam) <= 1e-3 * lam for _, v in s[P + "hessian/top_eig_0"])
 
 
 def test_jacobian_metric_of_linear_model_is_weight_norm(tmp_path):

@@ -6,7 +6,7 @@ import glob
 
 import pytest
 import torch
-from nncurv.callbacks import CurvatureMonitor
+from nncurv.callbacks import CurvatureMonitor, LayerCurvature, MinEigenvalue, TopEigenvalues
 
 from tests.test_callback_common import (  # noqa: F401 - one_thread is a fixture
     QUIET,
@@ -48,8 +48,13 @@ def test_two_ranks_log_the_values_of_the_union_batch(tmp_path):
     X, y = regression_data(32, 4)
     model = Regression(4, lr=0.0)
     cb = CurvatureMonitor(
-        metrics=["top_eig", "min_eig", "trace", "gradient", "layers"],
-        top_k=2,
+        metrics=[
+            TopEigenvalues(2, tol=1e-10),
+            MinEigenvalue(tol=1e-10),
+            "trace",
+            "gradient",
+            LayerCurvature(tol=1e-10),
+        ],
         every_n_steps=2,
         overhead_budget=10.0,  # never binding, but the decision is broadcast from rank 0
     )

@@ -1,0 +1,173 @@
+"""Overhead of the CurvatureMonitor callback on the digits MLP and small CNN.
+
+The same ``trainer.fit`` runs with and without the callback, interleaved (round-robin, so both
+see the same machine conditions), and reports:
+
+1. per metric: its cost per call (the callback's own timer, warm calls only) in units of one
+   training step (the wall time of a step of the plain fit, Lightning's per-step work included),
+   and the Hessian-vector products it spent;
+2. with the default settings (top eigenvalue + trace + gradient view every 50 steps): the total
+   overhead (median fit time with / without - 1) and the curvature records per 1000 steps;
+3. the overhead budget: an expensive configuration (top-3 eigenvalues, trace with 30 products,
+   per-layer metrics, the most negative eigenvalue) scheduled at every step with
+   ``overhead_budget=0.05`` must end within a percentage point of 5 %.
+
+    python benchmarks/callback_overhead.py            # a few minutes on 2 cores
+    python benchmarks/callback_overhead.py --quick    # a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import Logger, TensorBoardLogger
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from digits import DigitsClassifier, make_loader  # noqa: E402
+from nncurv.callbacks import CurvatureMonitor  # noqa: E402
+
+warnings.filterwarnings("ignore")
+for _name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
+
+METRICS = ["top_eig", "trace", "gradient", "min_eig", "layers", "density", "diagonal", "jacobian"]
+
+
+class MemoryLogger(Logger):
+    """Keeps every logged record in memory."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int | None, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "memory"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.records.append((step, dict(metrics)))
+
+
+def fit(
+    arch: str, steps: int, root: Path, callback: CurvatureMonitor | None, memory: bool = False
+) -> tuple[float, MemoryLogger]:
+    pl.seed_everything(0, verbose=False)
+    model = DigitsClassifier(arch, lr=0.1)
+    mem = MemoryLogger()
+    loggers: list[Logger] = [TensorBoardLogger(str(root), name=arch)]
+    if memory:
+        loggers.append(mem)
+    trainer = pl.Trainer(
+        max_steps=steps,
+        logger=loggers,
+        callbacks=[callback] if callback is not None else [],
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+    loader = make_loader(batch_size=32)
+    t0 = time.perf_counter()
+    trainer.fit(model, loader)
+    return time.perf_counter() - t0, mem
+
+
+def interleaved(
+    arch: str, steps: int, root: Path, make: dict[str, Any], repeat: int
+) -> dict[str, list[float]]:
+    """Wall times of each configuration, measured round-robin."""
+    times: dict[str, list[float]] = {k: [] for k in make}
+    fit(arch, 20, root, None)  # warm-up (imports, allocator)
+    for _ in range(repeat):
+        for k, factory in make.items():
+            times[k].append(fit(arch, steps, root, factory())[0])
+    return times
+
+
+def per_metric(arch: str, root: Path, step_time: float, every: int, steps: int) -> None:
+    print(f"\n[{arch}] cost per call, warm calls (1 training step = {1e3 * step_time:.2f} ms)")
+    print(f"{'metric':<12}{'ms / call':>11}{'steps / call':>14}{'HVPs / call':>13}")
+    for name in METRICS:
+        cb = CurvatureMonitor(metrics=[name], every_n_steps=every)
+        _, mem = fit(arch, steps, root, cb, memory=True)
+        recs = [m for _, m in mem.records if f"curvature/cost/{name}/seconds" in m][1:]
+        secs = [m[f"curvature/cost/{name}/seconds"] for m in recs]
+        mvs = [m[f"curvature/cost/{name}/matvecs"] for m in recs]
+        sec, mv = statistics.median(secs), statistics.median(mvs)
+        print(f"{name:<12}{1e3 * sec:>11.2f}{sec / step_time:>14.2f}{mv:>13.0f}")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps per timed fit")
+    p.add_argument("--repeat", type=int, default=5, help="interleaved repetitions")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--budget", type=float, default=0.05)
+    p.add_argument("--arch", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
+    p.add_argument("--out", type=Path, default=Path("outputs/callback_overhead"))
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    if args.quick:
+        args.steps, args.repeat = 100, 1
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps per fit")
+    for arch in args.arch:
+        root = args.out / arch
+        times = interleaved(
+            arch,
+            args.steps,
+            root,
+            {
+                "plain": lambda: None,
+                "default": lambda: CurvatureMonitor(),
+                "budget": lambda: CurvatureMonitor(
+                    metrics=["top_eig", "trace", "layers", "min_eig"],
+                    top_k=3,
+                    trace_matvecs=30,
+                    every_n_steps=1,
+                    overhead_budget=args.budget,
+                ),
+            },
+            args.repeat,
+        )
+        med = {k: statistics.median(v) for k, v in times.items()}
+        step_time = med["plain"] / args.steps
+        default_cb = CurvatureMonitor()
+        _, mem = fit(arch, args.steps, root, default_cb, memory=True)
+        calls = sum(1 for _, m in mem.records if "curvature/hessian/top_eig_0" in m)
+        per_metric(arch, root, step_time, every=50, steps=min(args.steps, 600))
+        print(f"\n[{arch}] fit of {args.steps} steps, median of {args.repeat} (interleaved)")
+        print(f"  plain                         {med['plain']:.3f} s")
+        over = med["default"] / med["plain"] - 1
+        print(
+            f"  default CurvatureMonitor()    {med['default']:.3f} s   overhead {over:+.1%}, "
+            f"{1000 * calls / args.steps:.0f} records per 1000 steps"
+        )
+        over_b = med["budget"] / med["plain"] - 1
+        ok = "holds" if abs(over_b - args.budget) <= 0.01 or over_b < args.budget else "MISSED"
+        print(
+            f"  heavy every step, budget {args.budget:.0%}  {med['budget']:.3f} s   overhead "
+            f"{over_b:+.1%} ({ok} within 1 point)"
+        )
+
+
+if __name__ == "__main__":
+    main()
