@@ -20,7 +20,16 @@ __all__ = ["CGResult", "NotPositiveDefiniteError", "conjugate_gradients"]
 
 
 class NotPositiveDefiniteError(ValueError):
-    """CG met a direction of non-positive curvature: the operator is not positive definite."""
+    r"""CG met a direction of non-positive curvature: the operator is not positive definite.
+
+    Attributes:
+        rayleigh: The Rayleigh quotient :math:`p^\top (A+\delta I) p / p^\top p \le 0` of that
+            direction, an upper bound on the smallest eigenvalue of :math:`A + \delta I`.
+    """
+
+    def __init__(self, message: str, rayleigh: float = float("nan")) -> None:
+        super().__init__(message)
+        self.rayleigh = rayleigh
 
 
 @dataclass(frozen=True)
@@ -104,11 +113,14 @@ def conjugate_gradients(
         pap = (Pa * AP).sum(0)
         bad = pap <= 0
         if bool(bad.any()):
-            j = int(idx[bad.nonzero()[0, 0]])
+            first = int(bad.nonzero()[0, 0])
+            j = int(idx[first])
+            rq = float(pap[first] / (Pa[:, first] ** 2).sum())
             raise NotPositiveDefiniteError(
-                f"conjugate gradients met non-positive curvature p^T A p = "
-                f"{float(pap[bad][0]):.3e} (column {j}, iteration {it + 1}): the operator "
-                f"(shift {shift!r}) is not positive definite"
+                f"conjugate gradients met non-positive curvature p^T A p / p^T p = {rq:.3e} "
+                f"(column {j}, iteration {it + 1}): the operator (shift {shift!r}) is not "
+                "positive definite",
+                rq,
             )
         alpha = rr[idx] / pap
         X[:, idx] += alpha * Pa

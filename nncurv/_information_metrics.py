@@ -226,18 +226,31 @@ def _check_dense_size(op: LinearOperator, max_dense: int, what: str) -> None:
 
 
 def _not_pd(smallest: float, largest: float, what: str, damping: float) -> ValueError:
-    kind = "indefinite" if smallest < 0 else "singular"
+    tol = 10.0 * math.sqrt(torch.finfo(torch.float64).eps) * abs(largest)
+    kind = "indefinite" if smallest < -tol else "singular"
     return ValueError(
-        f"{what} need a positive definite information, but it is {kind}: smallest eigenvalue "
+        f"{what} a positive definite information, but it is {kind}: smallest eigenvalue "
         f"{smallest:.6e} (largest {largest:.6e}, damping {damping!r}); evaluate at a minimum, "
         "restrict params, or add a prior precision with damping=..."
     )
 
 
-def _smallest_eigenvalue(op: LinearOperator, seed: int) -> tuple[float, float]:
-    lo = eigenvalues(op, 1, which="SA", seed=seed, max_matvecs=600)
-    hi = eigenvalues(op, 1, which="LA", seed=seed + 1, max_matvecs=600)
-    return float(lo.eigenvalues[0]), float(hi.eigenvalues[0])
+def _cg_breakdown(
+    op: LinearOperator, err: NotPositiveDefiniteError, what: str, damping: float, seed: int
+) -> ValueError:
+    """Name the smallest eigenvalue after CG met non-positive curvature (a short Lanczos run)."""
+    r = eigenvalues(op, 1, which="SA", seed=seed, max_matvecs=120)
+    lanczos = float(r.eigenvalues[0])
+    if r.converged:
+        how = f"smallest eigenvalue of I {lanczos:.6e} (Lanczos)"
+    else:  # Ritz values and Rayleigh quotients are upper bounds of the smallest eigenvalue
+        bound = min(lanczos, err.rayleigh - damping) if err.rayleigh == err.rayleigh else lanczos
+        how = f"smallest eigenvalue of I at most {bound:.6e} (Lanczos and CG bounds)"
+    return ValueError(
+        f"{what} a positive definite I + damping*Id (damping {damping!r}), but it is not: "
+        f"{how}; {err}; evaluate at a minimum, restrict params, or add a prior precision "
+        "with damping=..."
+    )
 
 
 def _spectral(
@@ -565,7 +578,7 @@ def standard_errors(
         lam, U = _eigh(op)
         lam = lam + damping
         if float(lam[0]) <= _dense_tol(lam):
-            raise _not_pd(float(lam[0]), float(lam[-1]), "standard errors", damping)
+            raise _not_pd(float(lam[0]), float(lam[-1]), "standard errors need", damping)
         Ui = U[idx]
         var = (Ui**2 / lam).sum(1)
         return StandardErrors(
@@ -588,16 +601,15 @@ def standard_errors(
         try:
             r = conjugate_gradients(op, E, shift=damping, tol=tol, max_iter=max_iter)
         except NotPositiveDefiniteError as err:
-            lo, hi = _smallest_eigenvalue(op, seed)
-            raise _not_pd(lo + damping, hi + damping, "standard errors", damping) from err
+            raise _cg_breakdown(op, err, "standard errors need", damping, seed) from err
         nmv += r.num_matvecs
         conv = conv and r.converged
         var_parts.append(r.solution[cols, torch.arange(cols.numel(), device=op.device)])
         res_parts.append(r.residuals)
     var = torch.cat(var_parts)
     if bool((var <= 0).any()):
-        lo, hi = _smallest_eigenvalue(op, seed)
-        raise _not_pd(lo + damping, hi + damping, "standard errors", damping)
+        bad = NotPositiveDefiniteError("a diagonal entry of the inverse is not positive")
+        raise _cg_breakdown(op, bad, "standard errors need", damping, seed)
     return StandardErrors(
         values=var.sqrt(),
         indices=idx,
@@ -657,7 +669,7 @@ def takeuchi_criterion(
         lam, U = _eigh(op)
         lam = lam + damping
         if float(lam[0]) <= _dense_tol(lam):
-            raise _not_pd(float(lam[0]), float(lam[-1]), "TIC", damping)
+            raise _not_pd(float(lam[0]), float(lam[-1]), "TIC needs", damping)
         C = _dense(covariance)
         value = float(((U.T @ C @ U).diagonal() / lam).sum())
         return TICResult(value, 0.0, n, damping, "dense", n, time.perf_counter() - t0, True)
@@ -666,8 +678,7 @@ def takeuchi_criterion(
     try:
         r = conjugate_gradients(op, V, shift=damping, tol=tol, max_iter=max_iter)
     except NotPositiveDefiniteError as err:
-        lo, hi = _smallest_eigenvalue(op, seed)
-        raise _not_pd(lo + damping, hi + damping, "TIC", damping) from err
+        raise _cg_breakdown(op, err, "TIC needs", damping, seed) from err
     samples = (r.solution * covariance.matmat(V)).sum(0)
     check_finite(samples, "the TIC probes")
     se = float(samples.std() / math.sqrt(num_probes)) if num_probes > 1 else math.inf

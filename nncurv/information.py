@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 import torch
@@ -77,6 +77,7 @@ from nncurv.operators import CallableOperator, GGNOperator, HessianOperator
 from nncurv.problem import CurvatureProblem, ParamSelection
 
 __all__ = [
+    "ALL_METRICS",
     "CGResult",
     "ConditionResult",
     "EmpiricalFisherOperator",
@@ -401,8 +402,8 @@ class InformationMetrics:
         if self.trace is not None:
             rows.append(("trace", fmt(self.trace.estimate), f"± {fmt(self.trace.standard_error)}"))
         if self.top_eigenvalues is not None:
-            ev = ", ".join(fmt(x) for x in self.top_eigenvalues.eigenvalues.tolist())
-            rows.append(("top eigenvalues", ev, ""))
+            ev = self.top_eigenvalues.eigenvalues.tolist()
+            rows.append(("top eigenvalues", fmt(ev[0]), ", ".join(fmt(x) for x in ev)))
         if self.logdet is not None:
             rows.append(
                 (
@@ -469,7 +470,10 @@ class InformationMetrics:
                 f"{self.wall_times.get(k, 0.0):>7.2f}"
             )
         for k, msg in self.errors.items():
-            lines.append(f"{k:<30} {'undefined':>12}  {msg}")
+            lines.append(
+                f"{k:<30} {'undefined':>12}  {'(see below)':<44} {self.num_matvecs.get(k, 0):>8} "
+                f"{self.wall_times.get(k, 0.0):>7.2f}\n    {msg}"
+            )
         return "\n".join(lines)
 
 
@@ -498,6 +502,8 @@ def information_metrics(
     *,
     metrics: Sequence[str] = ALL_METRICS,
     num_top: int = 5,
+    num_bottom: int = 3,
+    condition_matvecs: int = 300,
     prior_precision: float = 1.0,
     alpha: float | None = None,
     trace_matvecs: int = 60,
@@ -507,6 +513,7 @@ def information_metrics(
     se_method: Literal["auto", "dense", "cg"] = "auto",
     damping: float = 0.0,
     max_dense: int = 4096,
+    cg_tol: float = 1e-8,
     tic_probes: int = 10,
     gap_probes: int = 20,
     fisher: InformationOperator | None = None,
@@ -527,6 +534,8 @@ def information_metrics(
         info: The observed information (from :func:`observed_information`).
         metrics: Which of ``ALL_METRICS`` to compute.
         num_top: Number of top eigenvalues.
+        num_bottom: Bottom eigenvalues for the condition number and the negative count.
+        condition_matvecs: Lanczos budget per end of the spectrum for the condition number.
         prior_precision: :math:`\lambda` of the log-determinant.
         alpha: :math:`\alpha` of the effective dimension (default ``prior_precision``).
         trace_matvecs: Budget of the trace estimate.
@@ -536,6 +545,7 @@ def information_metrics(
         se_method: ``"auto"``, ``"dense"`` or ``"cg"`` for the standard errors and TIC.
         damping: Prior precision added for standard errors and TIC.
         max_dense: Largest dimension for dense routes.
+        cg_tol: Relative residual tolerance of the CG solves (standard errors, TIC).
         tic_probes: Probes of the CG route of TIC.
         gap_probes: Probes of the gap.
         fisher: Fisher operator for the gap (built from ``info`` when ``None``).
@@ -601,7 +611,32 @@ def information_metrics(
         )
         first = "logdet" if "logdet" in metrics else "effective_dimension"
         times[first] = times.get(first, 0.0) + slq_time
-    run("condition", lambda: condition_number(info, seed=seed + 3), nmv)
+        if res.get(first) is not None:  # the first of the two carries the run's cost
+            res[first] = replace(
+                res[first],
+                method="slq",
+                num_matvecs=slq_mv,
+                wall_time=res[first].wall_time + slq_time,
+            )
+    run(
+        "condition",
+        lambda: condition_number(
+            info, num_bottom=num_bottom, max_matvecs=condition_matvecs, seed=seed + 3
+        ),
+        nmv,
+    )
+    cond = res.get("condition")
+    if cond is not None and cond.lambda_min + damping < -cond.zero_tolerance:
+        for name in ("standard_errors", "tic"):
+            if name in metrics:  # known from the condition run: no solves wasted
+                metrics = [m for m in metrics if m != name]
+                errors[name] = (
+                    f"{'TIC needs' if name == 'tic' else 'standard errors need'} a positive "
+                    f"definite information, but I + damping*Id is indefinite: smallest "
+                    f"eigenvalue of I {cond.lambda_min:.6e} (a Lanczos upper bound) < "
+                    f"-damping = {-damping!r}; evaluate at a minimum, restrict params, or add "
+                    "a larger prior precision with damping=..."
+                )
     run(
         "standard_errors",
         lambda: standard_errors(
@@ -610,6 +645,7 @@ def information_metrics(
             method=se_method,
             damping=damping,
             max_dense=max_dense,
+            tol=cg_tol,
             seed=seed + 4,
         ),
         nmv,
@@ -626,6 +662,7 @@ def information_metrics(
                 damping=damping,
                 num_probes=tic_probes,
                 max_dense=max_dense,
+                tol=cg_tol,
                 seed=seed + 5,
             )
 
