@@ -462,3 +462,25 @@ def test_batch_reduction_is_explicit() -> None:
     assert_close(contractive_penalty(enc, x), none.mean(), rtol=1e-14)
     assert_close(contractive_penalty(enc, x, reduction="sum"), none.sum(), rtol=1e-14)
     assert_close(contractive_penalty(enc, x), _dense_penalty(enc, x), rtol=1e-10)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_contractive_loss_fast_path_equals_checked_closed_form(reduction):
+    torch.manual_seed(0)
+    enc = nn.Sequential(nn.Linear(5, 4), nn.Sigmoid()).double()
+    x = torch.rand(6, 5, dtype=torch.float64)
+    crit = ContractiveLoss(0.3, method="closed_form", reduction=reduction)
+    ref = 0.3 * contractive_penalty(enc, x, method="exact", reduction=reduction)
+    (g_ref,) = torch.autograd.grad(ref, enc[0].weight)
+    for _ in range(3):  # the first call is checked, later ones take the fast path
+        h = enc(x)
+        value = crit(enc, x, hidden=h)
+        (g,) = torch.autograd.grad(value, enc[0].weight)
+        torch.testing.assert_close(value, ref, rtol=1e-12, atol=0)
+        torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-14)
+    assert crit._closed_form[id(enc)][1] is enc[0]
+    relu = nn.Sequential(nn.Linear(5, 4), nn.ReLU()).double()
+    strict = ContractiveLoss(0.3, method="closed_form")
+    for _ in range(2):  # the refusal is not bypassed by the cache
+        with pytest.raises(ValueError, match="sigmoid"):
+            strict(relu, x, hidden=relu(x))
