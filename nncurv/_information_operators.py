@@ -13,16 +13,32 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
 from torch.utils._pytree import tree_map
 
-from nncurv._information_likelihood import Likelihood, expected_output_fisher
+from nncurv._information_likelihood import (
+    GaussianNLLAdapter,
+    Likelihood,
+    LikelihoodName,
+    check_loss,
+    expected_output_fisher,
+    resolve_scale,
+)
+from nncurv.operators import CallableOperator, GGNOperator
 from nncurv.operators._parameter import BatchProduct, ParameterOperator, Params, pullback_of
 from nncurv.operators.base import LinearOperator
-from nncurv.problem import Batch, CurvatureProblem
+from nncurv.problem import Batch, CurvatureProblem, ParamSelection
 
-__all__ = ["InformationOperator", "EmpiricalFisherOperator", "ExpectedFisherOperator"]
+__all__ = [
+    "InformationOperator",
+    "EmpiricalFisherOperator",
+    "ExpectedFisherOperator",
+    "build_problem",
+    "fisher_of",
+    "empirical_of",
+    "gradient_covariance",
+]
 
 
 class InformationOperator(LinearOperator):
@@ -258,3 +274,89 @@ class EmpiricalFisherOperator(ParameterOperator):
     def release(self) -> None:
         """Drop the kept per-sample gradients."""
         self._grads = None
+
+
+# ---------------------------------------------------------------------- builders
+def build_problem(
+    model: nn.Module,
+    nll_loss: Any,
+    data: Any,
+    reduction: str,
+    params: ParamSelection,
+    assume_nll: bool,
+    likelihood: LikelihoodName | None,
+    noise_variance: float | str | None,
+    problem_kwargs: dict[str, Any],
+) -> tuple[CurvatureProblem, Likelihood]:
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be stated as 'mean' or 'sum', got {reduction!r}")
+    if "reduction" in problem_kwargs:
+        raise TypeError("reduction is given twice")
+    if isinstance(nll_loss, nn.GaussianNLLLoss):
+        nll_loss = GaussianNLLAdapter(nll_loss)
+    name, output, loss_name = check_loss(nll_loss, reduction, assume_nll)
+    if likelihood is not None and likelihood != name:
+        raise ValueError(f"likelihood={likelihood!r} was stated but {loss_name} is {name!r}")
+    problem = CurvatureProblem(
+        model,
+        nll_loss,
+        data,
+        reduction=reduction,  # type: ignore[arg-type]
+        params=params,
+        **problem_kwargs,
+    )
+    lk = resolve_scale(
+        problem,
+        nll_loss,
+        name=name,
+        output=output,
+        loss_name=loss_name,
+        noise_variance=noise_variance,
+    )
+    return problem, lk
+
+
+def fisher_of(
+    problem: CurvatureProblem, lk: Likelihood, mode: str, chunk_size: int | None
+) -> InformationOperator:
+    if lk.fisher is None:
+        raise ValueError(
+            f"the Fisher of a custom NLL ({lk.loss_name}, assume_nll=True) is unknown: its GGN is "
+            "the Fisher only for exponential families in natural parameters; use a recognised loss"
+        )
+    if lk.fisher == "ggn":
+        ggn = GGNOperator(problem, mode=mode, chunk_size=chunk_size)  # type: ignore[arg-type]
+        return InformationOperator(ggn, lk.scale, kind="fisher", likelihood=lk)
+    exp = ExpectedFisherOperator(problem, lk, chunk_size=chunk_size)
+    return InformationOperator(exp, 1.0, kind="fisher", likelihood=lk)
+
+
+def empirical_of(info: InformationOperator) -> InformationOperator:
+    lk = info.likelihood
+    ef = EmpiricalFisherOperator(info.problem, lk.per_sample_factor)
+    return InformationOperator(ef, 1.0, kind="empirical-fisher", likelihood=lk)
+
+
+def gradient_covariance(empirical: InformationOperator) -> CallableOperator:
+    r"""The gradient scatter :math:`C = \sum_n (g_n-\bar g)(g_n-\bar g)^\top` as an operator.
+
+    :math:`C = EF - N\bar g\bar g^\top` is :math:`N` times the covariance of the per-sample
+    gradients.
+    """
+    ef = empirical.base
+    if not isinstance(ef, EmpiricalFisherOperator):
+        raise TypeError(f"expected an empirical Fisher operator, got {empirical!r}")
+    gbar = ef.mean_gradient()
+    N = ef.problem.num_samples
+
+    def mm(V: Tensor) -> Tensor:
+        return empirical.matmat(V) - N * torch.outer(gbar, gbar @ V)
+
+    n = empirical.shape[0]
+    return CallableOperator(
+        lambda v: mm(v.unsqueeze(1)).squeeze(1),
+        n,
+        dtype=empirical.dtype,
+        device=empirical.device,
+        matmat=mm,
+    )

@@ -196,6 +196,10 @@ def test_linear_gaussian_closed_forms(device) -> None:
         assert_close(info.to_dense(), info_ref, rtol=1e-10, what=f"I ({reduction})")
         se = standard_errors(info)
         assert_close(se.values, (s2 * torch.linalg.inv(XtX)).diagonal().sqrt(), rtol=1e-10)
+        Fi = fisher_information(
+            model, nn.MSELoss(reduction=reduction), (X, y), reduction=reduction, noise_variance=s2
+        )
+        assert_close(Fi.to_dense(), info_ref, rtol=1e-10, what=f"Fisher ({reduction})")
     ld = log_determinant(info, 2.0, method="dense")
     assert abs(ld.value - float(torch.log(lam + 2.0).sum())) < 1e-9
     ed = effective_dimension(info, 50.0, method="dense")
@@ -496,9 +500,9 @@ def test_bad_inputs_raise_clear_errors() -> None:
     )
     assert custom.likelihood.name == "custom" and custom.scale == 25
     with pytest.raises(ValueError, match="Fisher of a custom NLL"):
-        from nncurv.information import _fisher_of
+        from nncurv._information_operators import fisher_of
 
-        _fisher_of(custom.problem, custom.likelihood, "auto", 16)
+        fisher_of(custom.problem, custom.likelihood, "auto", 16)
     with pytest.raises(ValueError, match="reduces with 'mean'"):
         observed_information(model, nn.CrossEntropyLoss(), data, reduction="sum")
     with pytest.raises(TypeError):
@@ -549,6 +553,30 @@ def test_bad_inputs_raise_clear_errors() -> None:
         log_determinant(info, 0.0)
     with pytest.raises(TypeError, match="InformationOperator"):
         information_metrics(MatrixOperator(torch.eye(2, dtype=D64)))  # type: ignore[arg-type]
+
+
+def test_functional_losses_and_per_sample_policies() -> None:
+    import functools
+
+    model, X, y = _mlp_problem()
+    ref = observed_information(
+        model,
+        nn.CrossEntropyLoss(reduction="sum"),
+        (X, y),
+        reduction="sum",
+        likelihood="categorical",
+    ).to_dense()
+    part = functools.partial(F.cross_entropy, reduction="sum")
+    got = observed_information(model, part, (X, y), reduction="sum")
+    assert got.likelihood.name == "categorical"
+    assert_close(got.to_dense(), ref, rtol=1e-12, atol=1e-14, what="functools.partial loss")
+    with pytest.raises(ValueError, match="reduces with 'mean'"):
+        observed_information(model, F.cross_entropy, (X, y), reduction="sum")
+    bn = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).double()
+    with pytest.raises(ValueError, match="batchnorm='eval'"):
+        empirical_fisher(bn, nn.CrossEntropyLoss(), (X, y), reduction="mean", batchnorm="batch")
+    with pytest.raises(ValueError, match="dropout='off'"):
+        empirical_fisher(model, nn.CrossEntropyLoss(), (X, y), reduction="mean", dropout="on")
 
 
 def test_singular_information_names_the_smallest_eigenvalue() -> None:
