@@ -6,11 +6,10 @@ see the same machine conditions), and reports:
 1. per metric: its cost per call (the callback's own timer, warm calls only) in units of one
    training step (the wall time of a step of the plain fit, Lightning's per-step work included),
    and the Hessian-vector products it spent;
-2. with the default settings (top eigenvalue + trace + gradient view every 50 steps): the total
-   overhead (median fit time with / without - 1) and the curvature records per 1000 steps;
-3. the overhead budget: an expensive configuration (top-3 eigenvalues, trace with 30 products,
-   per-layer metrics, the most negative eigenvalue) scheduled at every step with
-   ``overhead_budget=0.05`` must end within a percentage point of 5 %.
+2. with the default settings (top eigenvalue + trace every 200 steps): the total overhead
+   (median fit time with / without - 1) and the curvature records per 1000 steps;
+3. the overhead budget: top eigenvalue + trace + gradient view scheduled at *every* step with
+   ``overhead_budget=0.05`` (about 10x over budget) must end within a percentage point of 5 %.
 
     python benchmarks/callback_overhead.py            # a few minutes on 2 cores
     python benchmarks/callback_overhead.py --quick    # a smoke run
@@ -139,9 +138,7 @@ def main() -> None:
                 "plain": lambda: None,
                 "default": lambda: CurvatureMonitor(),
                 "budget": lambda: CurvatureMonitor(
-                    metrics=["top_eig", "trace", "layers", "min_eig"],
-                    top_k=3,
-                    trace_matvecs=30,
+                    metrics=["top_eig", "trace", "gradient"],
                     every_n_steps=1,
                     overhead_budget=args.budget,
                 ),
@@ -162,10 +159,10 @@ def main() -> None:
             f"{1000 * calls / args.steps:.0f} records per 1000 steps"
         )
         over_b = med["budget"] / med["plain"] - 1
-        ok = "holds" if abs(over_b - args.budget) <= 0.01 or over_b < args.budget else "MISSED"
+        ok = "holds" if abs(over_b - args.budget) <= 0.01 else "MISSED"
         print(
-            f"  heavy every step, budget {args.budget:.0%}  {med['budget']:.3f} s   overhead "
-            f"{over_b:+.1%} ({ok} within 1 point)"
+            f"  every step, budget {args.budget:.0%}       {med['budget']:.3f} s   overhead "
+            f"{over_b:+.1%} ({ok}: within 1 point of {args.budget:.0%})"
         )
 
 

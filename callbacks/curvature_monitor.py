@@ -77,15 +77,17 @@ class CurvatureMonitor(Callback):
     trainer.global_step`` — the callback builds the :class:`~nncurv.problem.CurvatureProblem`
     of the probe data at the current parameters and computes the selected metrics:
 
-    * ``"top_eig"``: the ``top_k`` largest Hessian eigenvalues, warm-started from the previous
-      call's eigenvectors (``hessian/top_eig_{i}``);
-    * ``"trace"``: the Hessian trace with its standard error (``hessian/trace``, ...);
+    * ``"top_eig"`` (default): the ``top_k`` largest Hessian eigenvalues, warm-started from the
+      previous call's eigenvectors (``hessian/top_eig_{i}``);
+    * ``"trace"`` (default): the Hessian trace with its standard error (``hessian/trace``, ...);
     * ``"gradient"``: :math:`g^\top H g / g^\top g`, :math:`\varepsilon^* = g^\top g /
       g^\top H g` beside the learning rate (``gradient/...``), see
       :class:`~nncurv.callbacks.GradientCurvature`;
     * ``"min_eig"``, ``"density"`` (SLQ histogram and figure), ``"diagonal"`` (per-layer
       histograms), ``"layers"`` (per-layer top eigenvalue and trace), ``"jacobian"`` (input
-      Jacobian Frobenius norm of the model or of ``jacobian_layer``), or any
+      Jacobian Frobenius norm of the model or of ``jacobian_layer``), ``"information"``
+      (observed-information trace, log-determinant, effective dimension and TIC, see
+      :class:`~nncurv.callbacks.InformationMetric`), or any
       :class:`~nncurv.callbacks.CurvatureMetric` instance.
 
     With ``"top_eig"`` and a learning rate, the edge of stability is tracked as
@@ -113,7 +115,8 @@ class CurvatureMonitor(Callback):
     Args:
         loss_fn: ``loss_fn(outputs, targets)`` as the module computes its training loss;
             default: the module's ``loss_fn``/``criterion``/``loss_func`` attribute.
-        metrics: Names of built-in metrics and/or :class:`CurvatureMetric` instances.
+        metrics: Names of built-in metrics and/or :class:`CurvatureMetric` instances (default:
+            the top eigenvalue and the trace, a few training steps per call).
         every_n_steps: Interval of the ``"every"`` schedule, in optimizer steps (gradient
             accumulation counts once per step).
         schedule: ``"every"`` or ``"log"`` (about ``points_per_decade`` calls per decade).
@@ -160,8 +163,8 @@ class CurvatureMonitor(Callback):
         self,
         loss_fn: Callable[..., Tensor] | None = None,
         *,
-        metrics: Sequence[str | CurvatureMetric] = ("top_eig", "trace", "gradient"),
-        every_n_steps: int = 100,
+        metrics: Sequence[str | CurvatureMetric] = ("top_eig", "trace"),
+        every_n_steps: int = 200,
         schedule: Literal["every", "log"] = "every",
         points_per_decade: int = 10,
         at_fit_start: bool = False,
@@ -331,10 +334,11 @@ class CurvatureMonitor(Callback):
         if trainer.is_global_zero and not getattr(trainer, "fast_dev_run", False):
             self._writers = tensorboard_writers(trainer.loggers)
             if not self._writers:
-                rank_zero_warn(
+                self._warn_once(
+                    "no-tensorboard",
                     "CurvatureMonitor: no TensorBoard logger attached; scalars are logged to "
                     f"{[type(lg).__name__ for lg in trainer.loggers]}, histograms, figures and "
-                    "the custom-scalars layout are skipped"
+                    "the custom-scalars layout are skipped",
                 )
 
     @override

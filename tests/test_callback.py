@@ -143,6 +143,24 @@ def test_edge_of_stability_and_learning_rate(tmp_path):
     assert all(abs(v - lam) <= 1e-3 * lam for _, v in s[P + "hessian/top_eig_0"])
 
 
+def test_closed_form_on_every_device(tmp_path, device):
+    """The same exact values with the model on ``device`` (CUDA when present)."""
+    X, y = regression_data(32, 4)
+    model = Regression(4, lr=0.0)
+    cb = CurvatureMonitor(metrics=[TopEigenvalues(tol=1e-10), "trace"], every_n_steps=1)
+    accelerator = "gpu" if device.type == "cuda" else "cpu"
+    trainer = make_trainer(
+        tmp_path, [cb], max_steps=1, precision="64-true", accelerator=accelerator
+    )
+    trainer.fit(model, loader(X, y, 8))
+    H = closed_form_hessian(model, X[:8])
+    got = trainer.callback_metrics
+    assert float(got[P + "hessian/top_eig_0"]) == pytest.approx(
+        float(torch.linalg.eigvalsh(H)[-1]), rel=1e-9
+    )
+    assert float(got[P + "hessian/trace"]) == pytest.approx(float(H.trace()), rel=1e-9)
+
+
 def test_jacobian_metric_of_linear_model_is_weight_norm(tmp_path):
     X, y = regression_data(32, 4)
     model = Regression(4, lr=0.0)
