@@ -95,7 +95,10 @@ def eigenvalues(
         v0: Warm start: a ``(n,)`` vector or ``(n, p)`` matrix, e.g. the eigenvectors of the
             previous training step. Lanczos starts from the sum of the normalised columns (its
             Krylov space then contains all of them), block Lanczos from their span, power
-            iteration from column ``i`` for the ``i``-th pair.
+            iteration from column ``i`` for the ``i``-th pair. To track ``k > 1`` pairs whose
+            eigenvalues are clustered, prefer ``method="block"`` with ``v0``: its first step is
+            a Rayleigh–Ritz step on the previous vectors (``k`` products when they are still
+            accurate to ``tol``), while a single Krylov sequence resolves a cluster slowly.
         return_eigenvectors: Also return the ``(n, k)`` eigenvectors (and, for parameter-space
             operators with ``unflatten``, one parameter dict per eigenvector).
         generator: ``torch.Generator`` on the operator's device for the random start.
