@@ -46,7 +46,7 @@ def configs(quick: bool) -> list[tuple[str, nn.Module, nn.Module, tuple, dict, i
         out.append(
             ("ResNet-18 11.2M, CE, 32x32, b=32", ResNet18(), nn.CrossEntropyLoss(),
              (torch.randn(32, 3, 32, 32, generator=g), torch.randint(0, 10, (32,), generator=g)),
-             {}, 2)
+             {"light": True}, 1)
         )  # fmt: skip
     return out
 
@@ -58,6 +58,8 @@ def bench(name, model, loss_fn, data, kwargs, repeat) -> dict[str, float | str]:
     gen = torch.Generator().manual_seed(1)
     v = torch.randn(n, generator=gen)
     V8 = torch.randn(n, 8, generator=gen)
+    kwargs = dict(kwargs)
+    light = kwargs.pop("light", False)  # big models: fewer variants, one chunk size
     model.train(kwargs.get("batchnorm") == "batch")
     row: dict[str, float | str] = {"model": name, "params": n}
     problem = CurvatureProblem(model, loss_fn, (X, y), **kwargs)
@@ -88,8 +90,17 @@ def bench(name, model, loss_fn, data, kwargs, repeat) -> dict[str, float | str]:
     row["auto_mode"] = auto.mode
     fns["auto:repeated"] = lambda: auto @ v
     fns["auto:matmat8"] = lambda: auto.matmat(V8)
+    if light:
+        for mode in MODES:
+            fns.pop(f"{mode}:single", None)
+            if mode != auto.mode:
+                fns.pop(f"{mode}:repeated", None)
+                row[f"{mode}:single"] = row[f"{mode}:repeated"] = "skipped"
+        fns[f"{auto.mode}:single"] = lambda: HessianOperator(problem, mode=auto.mode) @ v
     row.update(timeit_many(fns, repeat))
     for mode, op in ops.items():
+        if light and mode != auto.mode:
+            continue
         row[f"{mode}:mem8"] = peak_memory(lambda op=op: op.matmat(V8), problem.device)
         op.matmat_chunk_size = 2
         row[f"{mode}:mem2"] = peak_memory(lambda op=op: op.matmat(V8), problem.device)
