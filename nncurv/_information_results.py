@@ -53,8 +53,10 @@ class ConditionResult:
             definite, ``inf`` when :math:`\lambda_{\min}` is zero or negative (within
             ``zero_tolerance``).
         num_negative: Eigenvalues below :math:`-\text{zero\_tolerance}` among those computed.
-        num_negative_is_lower_bound: ``True`` when every computed bottom eigenvalue was
-            negative (there may be more).
+        num_negative_is_lower_bound: ``True`` when there may be more negative eigenvalues
+            than counted: every computed bottom eigenvalue was negative, or Lanczos stopped
+            before converging (Ritz values bound eigenvalues from above, so the count never
+            overstates).
         indefinite: Whether a negative eigenvalue was found.
         bottom_eigenvalues: The computed bottom eigenvalues, ascending.
         zero_tolerance: Eigenvalues with :math:`|\lambda| \le` this count as zero

@@ -178,7 +178,12 @@ def condition_number(
 
     Lanczos (:func:`~nncurv.linalg.eigenvalues`) for :math:`\lambda_{\max}` and the
     ``num_bottom`` smallest eigenvalues; away from a minimum the observed information is
-    indefinite, which is reported (``indefinite``, ``num_negative``), never clipped.
+    indefinite, which is reported (``indefinite``, ``num_negative``), never clipped. The count
+    comes from Ritz values, which bound the bottom eigenvalues from above, so a reported
+    negative eigenvalue is certain; when all ``num_bottom`` are negative the count is a lower
+    bound. (The SLQ "negative mass" is not used: Gauss nodes near zero carry the mass of
+    eigenvalues on both sides. On a digits MLP with 42 negative eigenvalues out of 610, SLQ
+    with 15, 40 and 80 steps estimated 275, 142 and 111.)
 
     Args:
         op: Symmetric operator.
@@ -214,7 +219,9 @@ def condition_number(
         bottom = torch.sort(bot.eigenvalues).values
         nmv, conv = top.num_matvecs + bot.num_matvecs, top.converged and bot.converged
         ztol = math.sqrt(torch.finfo(op.dtype).eps) * max(abs(lam_max), 1e-300)
-        lower_bound = bool((bottom < -ztol).all()) and kb < n
+        # Ritz values bound the bottom eigenvalues from above: the count never overstates,
+        # and it may understate when all computed ones are negative or Lanczos stopped early
+        lower_bound = (bool((bottom < -ztol).all()) and kb < n) or not bot.converged
     lam_min = float(bottom[0])
     neg = int((bottom < -ztol).sum())
     cond = lam_max / lam_min if lam_min > ztol else math.inf
