@@ -42,10 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
         "report",
         help="curvature and loss-landscape report of a Lightning checkpoint",
         description=(
-            "Load a LightningModule from a checkpoint, compute its curvature summary (top "
-            "eigenvalues, trace, spectral density, observed-information metrics when the loss "
-            "is a likelihood) and loss-landscape slices, and write PNG figures, a JSON "
-            "summary, TensorBoard event files and one self-contained HTML page into --out."
+            "Load a LightningModule from a checkpoint, compute its curvature summary (top\n"
+            "eigenvalues, trace, spectral density, observed-information metrics when the loss\n"
+            "is a likelihood) and loss-landscape slices, and write PNG figures, a JSON summary,\n"
+            "TensorBoard event files and one self-contained HTML page into --out."
         ),
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
