@@ -33,6 +33,7 @@ Example (the digits classifier of ``examples/digits.py``)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -205,7 +206,33 @@ def _information(
         )
     except (ValueError, TypeError) as err:
         return {"available": False, "reason": str(err)}, ""
-    m = inf.information_metrics(op, metrics=tuple(metrics), seed=seed)
+    wanted = list(metrics)
+    spectral = [k for k in ("logdet", "effective_dimension") if k in wanted]
+    if "condition" in wanted and spectral:
+        # the condition run finds lambda_min cheaply; logdet(I + Id) and the effective dimension
+        # (prior precision 1) are undefined when lambda_min <= -1, so their SLQ run is skipped
+        first = inf.information_metrics(op, metrics=("condition",), seed=seed)
+        rest = [k for k in wanted if k != "condition"]
+        skipped: dict[str, str] = {}
+        cond = first.condition
+        if cond is not None and cond.lambda_min + 1.0 <= 0:
+            skipped = {
+                k: f"undefined: the observed information has eigenvalue {cond.lambda_min:.4g} "
+                "<= -1 (indefinite), so log det(I + Id) and the effective dimension with "
+                "prior precision 1 do not exist (skipped)"
+                for k in spectral
+            }
+            rest = [k for k in rest if k not in spectral]
+        second = inf.information_metrics(op, metrics=tuple(rest), seed=seed) if rest else first
+        m = dataclasses.replace(
+            second,
+            condition=cond,
+            wall_times={**first.wall_times, **second.wall_times},
+            num_matvecs={**first.num_matvecs, **second.num_matvecs},
+            errors={**first.errors, **second.errors, **skipped},
+        )
+    else:
+        m = inf.information_metrics(op, metrics=tuple(wanted), seed=seed)
     out: dict[str, Any] = {
         "available": True,
         "likelihood": _scalars(m.likelihood)

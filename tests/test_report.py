@@ -333,3 +333,35 @@ def test_bad_path_exit_code_of_the_console_script(tmp_path):
     assert res.returncode == 2
     assert res.stderr.strip().splitlines()[-1].startswith("nncurv report: error: --ckpt")
     assert "Traceback" not in res.stderr
+
+
+def test_information_metrics_skip_undefined_spectral_sums():
+    from nncurv.report import _information
+
+    sys.path.insert(0, str(HERE))
+    try:
+        import report_fixture as rf
+    finally:
+        sys.path.remove(str(HERE))
+    data = rf.make_loader()
+    torch.manual_seed(0)
+    # a linear softmax model: the observed information is PSD, everything is defined
+    linear = torch.nn.Linear(4, 3)
+    out, text = _information(
+        linear, torch.nn.CrossEntropyLoss(), data, "mean", {}, ("logdet", "condition"), 0
+    )
+    assert out["available"] and not out["errors"], out["errors"]
+    assert isinstance(out["logdet"]["value"], float) and "logdet" in text
+    # an MLP far from a minimum: indefinite with lambda_min <= -1, logdet skipped with a reason
+    mlp = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.mul_(4.0)
+    out, _ = _information(
+        mlp, torch.nn.CrossEntropyLoss(), data, "mean", {}, ("logdet", "condition"), 0
+    )
+    assert out["condition"]["lambda_min"] < -1.0  # seeded: about -217
+    assert "logdet" not in out and "indefinite" in out["errors"]["logdet"]
+    # not a likelihood: reported, not raised
+    out, _ = _information(linear, torch.nn.L1Loss(), data, "mean", {}, ("condition",), 0)
+    assert out["available"] is False and "not a recognised negative log-likelihood" in out["reason"]
