@@ -432,3 +432,26 @@ def test_observed_information_metrics_of_linear_gaussian_regression(tmp_path):
         se = got[f"information/{key}_stderr"]
         assert 0 < se < 0.2 * abs(float(ref)), (key, se)
         assert abs(got[f"information/{key}"] - float(ref)) <= 4 * se, (key, got, float(ref))
+
+
+# --------------------------------------------------------------------------- precision
+@pytest.mark.parametrize("autocast", [False, True])
+def test_bf16_mixed_computes_in_float32_unless_asked(tmp_path, autocast):
+    X, y = (t.float() for t in regression_data(32, 4))
+
+    def run(precision: str, sub: str) -> float:
+        model = Regression(4, lr=0.0).float()
+        cb = CurvatureMonitor(
+            metrics=[TopEigenvalues(tol=1e-6)], every_n_steps=1, autocast=autocast
+        )
+        trainer = make_trainer(tmp_path / sub, [cb], max_steps=1, precision=precision)
+        trainer.fit(model, loader(X, y, 8))
+        return float(trainer.callback_metrics[P + "hessian/top_eig_0"])
+
+    full, mixed = run("32-true", "full"), run("bf16-mixed", "mixed")
+    exact = float(torch.linalg.eigvalsh(closed_form_hessian(Regression(4), X[:8].double()))[-1])
+    assert full == pytest.approx(exact, rel=1e-5)
+    if autocast:  # the trainer's bf16 autocast: about 3 significant digits
+        assert 1e-5 < abs(mixed - exact) / exact < 5e-2
+    else:
+        assert mixed == pytest.approx(exact, rel=1e-5)

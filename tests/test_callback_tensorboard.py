@@ -112,6 +112,9 @@ def test_tensorboard_server_shows_scalars_histograms_and_images(tmp_path):
             port, f"/data/plugin/scalars/scalars?run={run}&tag=curvature/hessian/top_eig_0"
         )
         assert [point[1] for point in series] == [2, 4]  # (wall time, step, value) rows
+        layout = json.dumps(_get(port, "/data/plugin/custom_scalars/layout"))
+        for chart in ["Hessian top eigenvalues", "curvature/hessian/trace_lower", "margin"]:
+            assert chart in layout, layout
     finally:
         proc.terminate()
         try:
