@@ -154,9 +154,13 @@ class CurvatureMonitor(Callback):
     Example::
 
         >>> import pytorch_lightning as pl
+        >>> from pytorch_lightning.loggers import TensorBoardLogger
         >>> from nncurv.callbacks import CurvatureMonitor
-        >>> monitor = CurvatureMonitor(torch.nn.CrossEntropyLoss(), every_n_steps=100)
-        >>> trainer = pl.Trainer(callbacks=[monitor], logger=False)  # doctest: +SKIP
+        >>> monitor = CurvatureMonitor(torch.nn.CrossEntropyLoss(), metrics=["top_eig", "gradient"])
+        >>> [m.name for m in monitor.metrics], monitor.schedule.steps(1000)[:3]
+        (['top_eig', 'gradient'], [200, 400, 600])
+        >>> logger = TensorBoardLogger("logs")
+        >>> trainer = pl.Trainer(callbacks=[monitor], logger=logger)  # doctest: +SKIP
     """
 
     def __init__(
