@@ -133,6 +133,13 @@ def _check_common(
                 f"direction {d.info.label!r} does not match the problem's parameters: "
                 f"{sorted(missing)[:5]}"
             )
+        for n, t in d.vector.items():
+            if t.shape != problem.shapes[n] or t.device != problem.device:
+                raise ValueError(
+                    f"direction {d.info.label!r}: entry {n!r} has shape {tuple(t.shape)} on "
+                    f"{t.device}, the parameter has {tuple(problem.shapes[n])} on "
+                    f"{problem.device}"
+                )
     if metrics is not None:
         if not isinstance(metrics, Mapping):
             raise TypeError(f"metrics must be a dict name -> callable, got {metrics!r}")

@@ -435,3 +435,6 @@ def test_bad_inputs_raise_before_work():
     bad = Direction({n: t for n, t in d.vector.items() if n != "0.bias"}, d.info)
     with pytest.raises(ValueError, match="does not match"):
         slice_2d(problem, d, bad)
+    wrong = Direction({**d.vector, "0.bias": torch.zeros(2, dtype=DT)}, d.info)
+    with pytest.raises(ValueError, match="has shape"):
+        slice_1d(problem, wrong)
