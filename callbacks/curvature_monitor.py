@@ -564,8 +564,9 @@ class CurvatureMonitor(Callback):
         scalars["cost/overhead"] = spent / other if other > 0 else math.nan
         pre = self.prefix + group
         tags = {pre + k: float(v) for k, v in scalars.items()}
+        shared = trainer.callback_metrics  # a property that merges results on every access
         for tag, value in tags.items():
-            trainer.callback_metrics[tag] = torch.tensor(value, dtype=torch.float64)
+            shared[tag] = torch.tensor(value, dtype=torch.float64)
         if not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
