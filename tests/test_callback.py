@@ -127,6 +127,19 @@ def test_logged_values_equal_closed_form_of_linear_regression(tmp_path, probe):
     assert all(v >= 0 for _, v in scalars[P + "cost/total_seconds"])
 
 
+def test_fresh_probe_uses_the_batch_of_each_step(tmp_path):
+    X, y = regression_data(32, 4)
+    model = Regression(4, lr=0.0)
+    cb = CurvatureMonitor(metrics=[TopEigenvalues(tol=1e-10)], every_n_steps=2, probe="fresh")
+    trainer = make_trainer(tmp_path, [cb], max_steps=4, precision="64-true")
+    trainer.fit(model, loader(X, y, 8))
+    s, _ = read_events(trainer.logger.log_dir)
+    for step, value in s[P + "hessian/top_eig_0"]:  # step t ends with the batch t - 1
+        Xb = X[8 * (step - 1) : 8 * step]
+        ref = float(torch.linalg.eigvalsh(closed_form_hessian(model, Xb))[-1])
+        assert value == pytest.approx(ref, rel=1e-6), step
+
+
 def test_edge_of_stability_and_learning_rate(tmp_path):
     X, y = regression_data(32, 4)
     cb = CurvatureMonitor(metrics=["top_eig", "gradient"], every_n_steps=1)
