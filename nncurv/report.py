@@ -40,16 +40,14 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
 from nncurv._landscape_plot import new_figure
-from nncurv._report_html import table, write_html
 from nncurv._report_inputs import (
     ReportInputError,
     check_out_dir,
@@ -58,6 +56,7 @@ from nncurv._report_inputs import (
     resolve_data,
     resolve_loss,
 )
+from nncurv._report_outputs import clean, scalars, slice_summary, write_page, write_tensorboard
 from nncurv.landscape import (
     Direction,
     DirectionInfo,
@@ -122,37 +121,6 @@ class _Log:
         dt = time.perf_counter() - t0
         self.times[name] = dt
         self.say(f"[{self.i}/{self.total}] {name}: done in {dt:.1f}s")
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe copy: tensors/arrays to lists, non-finite floats to strings."""
-    if isinstance(x, torch.Tensor):
-        x = x.detach().cpu().numpy()
-    if isinstance(x, np.ndarray):
-        return [_clean(v) for v in x.tolist()] if x.ndim else _clean(x.item())
-    if isinstance(x, (np.floating, np.integer)):
-        x = x.item()
-    if isinstance(x, float):
-        return x if math.isfinite(x) else str(x)
-    if isinstance(x, Mapping):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, Path):
-        return str(x)
-    return x
-
-
-def _scalars(obj: Any) -> dict[str, Any]:
-    """Scalar fields of a result dataclass."""
-    out: dict[str, Any] = {}
-    for f in fields(obj):
-        v = getattr(obj, f.name)
-        if isinstance(v, (bool, int, float, str)) or v is None:
-            out[f.name] = v
-        elif isinstance(v, torch.Tensor) and v.numel() <= 16:
-            out[f.name] = v.detach().cpu().tolist()
-    return out
 
 
 def _reduction_of(loss: Any, reduction: str | None) -> Literal["mean", "sum"]:
@@ -235,7 +203,7 @@ def _information(
         m = inf.information_metrics(op, metrics=tuple(wanted), seed=seed)
     out: dict[str, Any] = {
         "available": True,
-        "likelihood": _scalars(m.likelihood)
+        "likelihood": scalars(m.likelihood)
         if hasattr(m.likelihood, "__dataclass_fields__")
         else str(m.likelihood),
         "errors": dict(m.errors),
@@ -245,7 +213,7 @@ def _information(
     for name in ("trace", "logdet", "effective_dimension", "condition", "tic", "gap"):
         res = getattr(m, name, None)
         if res is not None:
-            out[name] = _scalars(res)
+            out[name] = scalars(res)
     if m.top_eigenvalues is not None:
         out["top_eigenvalues"] = m.top_eigenvalues.eigenvalues.tolist()
     if m.standard_errors is not None:
@@ -581,14 +549,14 @@ def build_report(
                         out_dir / "figures" / f"{key}_accuracy.png",
                     )
                     captions[key + "_accuracy"] = "Accuracy on the same plane."
-        summary["landscape"] = {key: _slice_summary(s) for key, s in slices.items()}
+        summary["landscape"] = {key: slice_summary(s) for key, s in slices.items()}
         summary["timings"] = dict(log.times)
         summary["files"] = {
             "figures": {k: str(p.relative_to(out_dir)) for k, p in figures.items()},
             "slices": {k: str(p.relative_to(out_dir)) for k, p in slice_files.items()},
         }
         if tensorboard:
-            tb_dir = _write_tensorboard(out_dir / "tensorboard", figures, summary)
+            tb_dir = write_tensorboard(out_dir / "tensorboard", figures, summary)
             if tb_dir is None:
                 log.say(
                     "tensorboard is not installed: event files skipped (pip install tensorboard)"
@@ -598,8 +566,8 @@ def build_report(
         )
         summary["wall_time"] = time.perf_counter() - t_start
         json_path = out_dir / "summary.json"
-        json_path.write_text(json.dumps(_clean(summary), indent=1, ensure_ascii=False))
-        html_path = _write_page(out_dir, summary, figures, captions, slice_rows, info_text, tb_dir)
+        json_path.write_text(json.dumps(clean(summary), indent=1, ensure_ascii=False))
+        html_path = write_page(out_dir, summary, figures, captions, slice_rows, info_text, tb_dir)
     log.say(f"report: {html_path}")
     if tb_dir is not None:
         log.say(f"tensorboard: tensorboard --logdir {tb_dir}")
@@ -610,161 +578,6 @@ def build_report(
         figures=figures,
         slices=slice_files,
         tensorboard_dir=tb_dir,
-        summary=_clean(summary),
+        summary=clean(summary),
         wall_time=time.perf_counter() - t_start,
     )
-
-
-def _slice_summary(s: LandscapeSlice) -> dict[str, Any]:
-    d: dict[str, Any] = {
-        "ndim": s.ndim,
-        "directions": [x.to_dict() for x in s.directions],
-        "ranges": [[float(a.min()), float(a.max()), len(a)] for a in s.axes],
-        "center_loss": s.center_loss,
-        "min_loss": float(np.nanmin(s.loss)) if np.isfinite(s.loss).any() else math.nan,
-        "max_loss": float(np.nanmax(s.loss)) if np.isfinite(s.loss).any() else math.nan,
-        "num_nonfinite": s.num_nonfinite,
-        "vectorized": s.vectorized,
-        "wall_time": s.wall_time,
-    }
-    if s.taylor is not None:
-        tm = s.taylor
-        d["taylor"] = {
-            k: v
-            for k, v in tm.to_dict().items()
-            if k not in ("predicted", "abs_error", "rel_error")
-        }
-    return d
-
-
-def _write_tensorboard(
-    tb_dir: Path, figures: Mapping[str, Path], summary: Mapping[str, Any]
-) -> Path | None:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    import matplotlib.image as mpimg
-
-    writer = SummaryWriter(log_dir=str(tb_dir))
-    try:
-        for key, path in figures.items():
-            img = mpimg.imread(path)  # RGBA floats in [0, 1]
-            writer.add_image(f"report/{key}", img[..., :3], 0, dataformats="HWC")
-        cur = summary["curvature"]
-        for i, lam in enumerate(cur["top_eigenvalues"]):
-            writer.add_scalar(f"curvature/top_eigenvalue_{i + 1}", lam, 0)
-        writer.add_scalar("curvature/trace", cur["trace"], 0)
-        if cur["min_eigenvalue"] is not None:
-            writer.add_scalar("curvature/min_eigenvalue", cur["min_eigenvalue"], 0)
-        writer.add_scalar("loss/value", summary["model"]["loss"], 0)
-        writer.add_scalar("loss/gradient_norm", summary["model"]["gradient_norm"], 0)
-        for key, s in summary["landscape"].items():
-            tm = s.get("taylor")
-            if tm and tm.get("epsilon_star") is not None and isinstance(tm["epsilon_star"], float):
-                writer.add_scalar(f"landscape/{key}_epsilon_star", tm["epsilon_star"], 0)
-        text = json.dumps(_clean({k: summary[k] for k in ("model", "curvature")}), indent=1)
-        writer.add_text("report/summary", "```\n" + text + "\n```", 0)
-        writer.flush()
-    finally:
-        writer.close()
-    return tb_dir
-
-
-def _write_page(
-    out_dir: Path,
-    summary: Mapping[str, Any],
-    figures: Mapping[str, Path],
-    captions: Mapping[str, str],
-    slice_rows: list[list[Any]],
-    info_text: str,
-    tb_dir: Path | None,
-) -> Path:
-    m, c = summary["model"], summary["curvature"]
-    model_rows = [
-        ["module", m["class"]],
-        ["checkpoint", m["checkpoint"]],
-        ["parameters", m["num_params"]],
-        ["samples / batches", f"{m['num_samples']} / {m['num_batches']}"],
-        ["loss function", f"{m['loss_fn']} (reduction {m['reduction']})"],
-        ["loss", m["loss"]],
-        ["gradient norm", m["gradient_norm"]],
-        ["device / dtype", f"{m['device']} / {m['dtype']}"],
-    ]
-    curv_rows = [
-        [f"top eigenvalue {i + 1}", lam, f"residual {r:.2e}"]
-        for i, (lam, r) in enumerate(zip(c["top_eigenvalues"], c["top_residuals"]))
-    ]
-    if c["min_eigenvalue"] is not None:
-        curv_rows.append(["smallest eigenvalue", c["min_eigenvalue"], "Lanczos, which='SA'"])
-    curv_rows += [
-        [
-            "trace",
-            c["trace"],
-            f"± {c['trace_standard_error']:.3g} ({c['trace_num_matvecs']} products)",
-        ],
-        ["SLQ negative mass", c["density_negative_mass"], "fraction of the spectrum below 0"],
-        [
-            "SLQ support",
-            f"[{c['density_lambda_min']:.4g}, {c['density_lambda_max']:.4g}]",
-            f"{c['density_num_matvecs']} products",
-        ],
-    ]
-    info = summary["information"]
-    if info.get("available"):
-        info_body = (
-            "<p>Observed information <i>I</i> of the likelihood (see <code>nncurv.information"
-            "</code> for the scaling conventions).</p>"
-            f"<pre>{_escape(info_text)}</pre>"
-        )
-    else:
-        info_body = f'<p class="warn">Not computed: {_escape(info.get("reason", ""))}</p>'
-    head = [
-        "direction",
-        "f(θ)",
-        "gᵀd",
-        "dᵀHd",
-        "Taylor valid t",
-        "quadratic t*",
-        "best t",
-        "ε* = gᵀg/gᵀHg",
-        "best lr",
-    ]
-    one = [k for k in figures if k.startswith(("eigvec", "gradient", "random"))]
-    two = [k for k in figures if k.startswith("plane")]
-    files = [
-        ["summary.json", "every number on this page"],
-        ["figures/*.png", f"{len(figures)} figures"],
-        ["slices/*.npz", "raw slices: nncurv.landscape.LandscapeSlice.load(path)"],
-    ]
-    if tb_dir is not None:
-        files.append(["tensorboard/", f"tensorboard --logdir {tb_dir}"])
-    sections = [
-        ("Model and data", table(model_rows), []),
-        (
-            f"Curvature ({c['matrix']})",
-            table(curv_rows, ["quantity", "value", "detail"]),
-            [(figures["spectrum"], captions["spectrum"])],
-        ),
-        ("Observed information", info_body, []),
-        (
-            "Loss landscape: 1-D slices",
-            table(slice_rows, head)
-            + "<p>t: coordinate along the direction; ε* and best lr: learning rates along −g.</p>",
-            [(figures[k], captions[k]) for k in one],
-        ),
-        ("Loss landscape: 2-D slices", "", [(figures[k], captions[k]) for k in two]),
-        ("Files", table(files), []),
-    ]
-    return write_html(
-        out_dir / "report.html",
-        title=f"nncurv report: {m['class'].rsplit('.', 1)[-1]}",
-        subtitle=f"{m['checkpoint']} — {m['num_params']} parameters, {m['num_samples']} samples",
-        sections=sections,
-    )
-
-
-def _escape(text: str) -> str:
-    import html
-
-    return html.escape(text)
