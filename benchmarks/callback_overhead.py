@@ -117,7 +117,7 @@ def per_metric(arch: str, root: Path, step_time: float, every: int, steps: int) 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps per timed fit")
-    p.add_argument("--repeat", type=int, default=5, help="interleaved repetitions")
+    p.add_argument("--repeat", type=int, default=7, help="interleaved repetitions")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--budget", type=float, default=0.05)
     p.add_argument("--arch", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
@@ -146,23 +146,40 @@ def main() -> None:
             args.repeat,
         )
         med = {k: statistics.median(v) for k, v in times.items()}
+        best = {k: min(v) for k, v in times.items()}  # contention only ever adds time
         step_time = med["plain"] / args.steps
         default_cb = CurvatureMonitor()
         _, mem = fit(arch, args.steps, root, default_cb, memory=True)
         calls = sum(1 for _, m in mem.records if "curvature/hessian/top_eig_0" in m)
-        per_metric(arch, root, step_time, every=50, steps=min(args.steps, 600))
-        print(f"\n[{arch}] fit of {args.steps} steps, median of {args.repeat} (interleaved)")
-        print(f"  plain                         {med['plain']:.3f} s")
-        over = med["default"] / med["plain"] - 1
-        print(
-            f"  default CurvatureMonitor()    {med['default']:.3f} s   overhead {over:+.1%}, "
-            f"{1000 * calls / args.steps:.0f} records per 1000 steps"
+        budget_cb = CurvatureMonitor(
+            metrics=["top_eig", "trace", "gradient"], every_n_steps=1, overhead_budget=args.budget
         )
-        over_b = med["budget"] / med["plain"] - 1
-        ok = "holds" if abs(over_b - args.budget) <= 0.01 else "MISSED"
+        _, mem = fit(arch, args.steps, root, budget_cb, memory=True)
+        own = [
+            m["curvature/cost/overhead"] for _, m in mem.records if "curvature/cost/overhead" in m
+        ]
+        per_metric(arch, root, step_time, every=50, steps=min(args.steps, 600))
+        print(
+            f"\n[{arch}] fit of {args.steps} steps, {args.repeat} interleaved repetitions "
+            "(overhead from the medians / from the minima)"
+        )
+        print(f"  plain                         {med['plain']:.3f} s")
+        over = (med["default"] / med["plain"] - 1, best["default"] / best["plain"] - 1)
+        print(
+            f"  default CurvatureMonitor()    {med['default']:.3f} s   overhead {over[0]:+.1%} / "
+            f"{over[1]:+.1%}, {1000 * calls / args.steps:.0f} records per 1000 steps"
+        )
+        over_b = (med["budget"] / med["plain"] - 1, best["budget"] / best["plain"] - 1)
+        ok = "holds" if abs(over_b[0] - args.budget) <= 0.01 else "MISSED"
         print(
             f"  every step, budget {args.budget:.0%}       {med['budget']:.3f} s   overhead "
-            f"{over_b:+.1%} ({ok}: within 1 point of {args.budget:.0%})"
+            f"{over_b[0]:+.1%} / {over_b[1]:+.1%} ({ok}: median within 1 point of "
+            f"{args.budget:.0%})"
+        )
+        print(
+            f"    (the callback's own accounting: {own[-1]:.1%} of the rest of training after "
+            f"{len(own)} calls; the difference to the wall-clock overhead is measurement noise "
+            "and side effects on the training steps)"
         )
 
 
