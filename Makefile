@@ -19,6 +19,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/digits_curvature.py
+	$(BIN)/python examples/observed_information.py
 	$(BIN)/python examples/contractive_autoencoder.py --out outputs/contractive
 
 lint: $(STAMP)

@@ -12,6 +12,15 @@ from nncurv.contractive import (
     higher_order_penalty,
     sigmoid_closed_form,
 )
+from nncurv.information import (
+    InformationMetrics,
+    InformationOperator,
+    empirical_fisher,
+    fisher_information,
+    information_metrics,
+    observed_information,
+    standard_errors,
+)
 from nncurv.jacobians import (
     FrobeniusResult,
     LinearizationResult,
@@ -44,6 +53,13 @@ __all__ = [
     "CallableOperator",
     "ContractiveLoss",
     "FrobeniusResult",
+    "InformationMetrics",
+    "InformationOperator",
+    "empirical_fisher",
+    "fisher_information",
+    "information_metrics",
+    "observed_information",
+    "standard_errors",
     "LinearizationResult",
     "SpectralNormResult",
     "contractive_penalty",
