@@ -230,3 +230,18 @@ def test_nan_from_operator_raises(fn: Callable) -> None:
     op = CallableOperator(mv, 30, dtype=D, device="cpu")
     with pytest.raises(NonFiniteError, match="NaN or Inf"):
         fn(op) if fn is exact_diagonal else fn(op, 6)
+
+
+def test_float32_operator_with_ill_conditioned_sketch() -> None:
+    # decaying spectrum over 8 orders of magnitude in float32: R of the sketch is numerically
+    # singular in float32, so the leave-one-out algebra must run in float64
+    i = torch.arange(1, 301, dtype=D)
+    A = _rotated(1e3 * i**-3.2, seed=7).float()
+    truth_t, truth_d = float(A.double().trace()), A.double().diagonal()
+    t = xtrace(MatrixOperator(A), 60, seed=0)
+    h = hutchinson_trace(MatrixOperator(A), 60, seed=0)
+    assert abs(t.estimate - truth_t) / truth_t < 1e-4, t.estimate
+    assert abs(t.estimate - truth_t) * 100 < abs(h.estimate - truth_t)
+    d = xdiag(MatrixOperator(A), 60, seed=0)
+    assert d.estimate.dtype == torch.float32
+    assert float((d.estimate.double() - truth_d).norm() / truth_d.norm()) < 1e-3

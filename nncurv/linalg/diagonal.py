@@ -24,7 +24,7 @@ from nncurv.linalg._checks import (
     random_probes,
 )
 from nncurv.linalg._results import DiagonalResult, _unflatten_or_none
-from nncurv.linalg.trace import _deflate, _loo_vectors, _numerical_rank
+from nncurv.linalg.trace import _deflate, _loo_vectors, _numerical_rank, _wide
 from nncurv.operators.base import LinearOperator
 
 __all__ = ["DiagonalMethod", "diagonal", "exact_diagonal", "hutchinson_diagonal", "xdiag"]
@@ -216,13 +216,14 @@ def xdiag(
     Om = random_probes(op, s, "rademacher", gen)
     Y = op.matmat(Om)
     check_finite(Y.norm(), "the XDiag sketch")
+    Om, Y = _wide(Om), _wide(Y)  # the leave-one-out algebra needs float64 (R is ill-conditioned)
     Q, R = torch.linalg.qr(Y)
     rank = _numerical_rank(R, n)
     if rank < s:  # range(A) found: A = U U^T A exactly
         U = torch.linalg.svd(Y, full_matrices=False).U[:, :rank]
-        est = (U * op.matmat(U)).sum(1)
+        est = (U * _wide(op.matmat(U.to(op.dtype)))).sum(1).to(op.dtype)
         return _finish(op, est, torch.zeros_like(est), s + rank, t0, "xdiag")
-    Z = op.matmat(Q)
+    Z = _wide(op.matmat(Q.to(op.dtype)))
     S = _loo_vectors(R)
     H = Q.T @ Z
     HS = H @ S
@@ -233,7 +234,8 @@ def xdiag(
     samples = 2 * d_pa - d_pap
     A_P = Y - Z @ _deflate(Q.T @ Om, S)  # A (I - P_i) w_i
     samples = samples + Om * (A_P - Q @ _deflate(Q.T @ A_P, S))
-    return _finish(op, samples.mean(1), _sem(samples), 2 * s, t0, "xdiag")
+    est, se = samples.mean(1).to(op.dtype), _sem(samples).to(op.dtype)
+    return _finish(op, est, se, 2 * s, t0, "xdiag")
 
 
 def diagonal(

@@ -257,13 +257,14 @@ def xtrace(
     Om = random_probes(op, s, distribution, gen)
     Y = op.matmat(Om)
     check_finite(Y.norm(), "the XTrace sketch")
+    Om, Y = _wide(Om), _wide(Y)  # the leave-one-out algebra needs float64 (R is ill-conditioned)
     Q, R = torch.linalg.qr(Y)
     rank = _numerical_rank(R, n)
     if rank < s:  # range(A) found: tr(A) = tr(Q_r^T A Q_r) exactly
         U = torch.linalg.svd(Y, full_matrices=False).U[:, :rank]
-        est = (U * op.matmat(U)).sum()
+        est = (U * _wide(op.matmat(U.to(op.dtype)))).sum()
         return _finish(op, est, None, 0.0, s + rank, t0, "xtrace")
-    Z = op.matmat(Q)
+    Z = _wide(op.matmat(Q.to(op.dtype)))
     H = Q.T @ Z
     S = _loo_vectors(R)
     t = torch.diagonal(H).sum() - (S * (H @ S)).sum(0)
@@ -272,6 +273,11 @@ def xtrace(
     PT = AP - Q @ _deflate(Q.T @ AP, S)
     t = t + (Om * PT).sum(0)
     return _finish(op, t.mean(), t, _sem(t), 2 * s, t0, "xtrace")
+
+
+def _wide(x: Tensor) -> Tensor:
+    """``x`` in float64 (sketch algebra); products with the operator stay in its dtype."""
+    return x if x.dtype == torch.float64 else x.to(torch.float64)
 
 
 def _numerical_rank(R: Tensor, n: int) -> int:
