@@ -320,8 +320,10 @@ def slice_1d(
         curvature_operator: Operator for the Taylor curvature (default the Hessian).
         chunk_size: Grid points per vectorised evaluation (bounds memory: activations of
             ``chunk_size`` copies of a batch).
-        vectorize: ``"auto"`` (``vmap`` over points, loop if a layer cannot be vmapped),
-            ``True`` or ``False``.
+        vectorize: ``"auto"``: ``torch.func.vmap`` over the points of a chunk on accelerators
+            (falling back to a loop if a layer cannot be vmapped) and a loop over points on
+            CPU, where the evaluation is compute-bound and vmap measured no faster;
+            ``True`` (vmap, errors propagate) or ``False`` (loop).
         recalibrate_bn: Recompute BatchNorm running statistics on the data at every point
             (the statistics the point's network would have after training on the data), without
             touching the model's buffers. Needs ``batchnorm="eval"`` in the problem.

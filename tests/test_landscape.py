@@ -235,6 +235,7 @@ def test_2d_grid_matches_direct_evaluation_on_a_loader_with_sum_reduction(device
         span=((-0.5, 1.0), (-1.0, 1.0)),
         metrics={"acc": accuracy},
         chunk_size=5,
+        vectorize=True,
     )
     assert s.loss.shape == (4, 3) and s.vectorized
     for i, a in enumerate(s.axes[0]):
@@ -295,7 +296,7 @@ def test_model_grad_buffers_modes_and_rng_are_untouched(device):
     gd = gradient_direction(problem)
     slice_1d(problem, eig, steps=5, metrics={"acc": accuracy}, recalibrate_bn=True)
     slice_1d(problem, gd, steps=5)
-    slice_2d(problem, d1, d2, steps=3, recalibrate_bn=True)
+    slice_2d(problem, d1, d2, steps=3, vectorize=True, recalibrate_bn=True)
     slice_2d(problem, d1, d2, steps=3, vectorize=False, recalibrate_bn=True)
     interpolation_direction(problem, copy.deepcopy(model))
     _assert_same(before, _snapshot(model))
@@ -330,7 +331,9 @@ def test_batchnorm_with_and_without_recalibration(device, recalibrate):
     problem = CurvatureProblem(model, nn.CrossEntropyLoss(), loader)
     d = random_direction(problem, seed=9)
     t = [-0.6, 0.0, 0.4, 1.0]
-    s = slice_1d(problem, d, steps=t, taylor=False, recalibrate_bn=recalibrate, chunk_size=3)
+    s = slice_1d(
+        problem, d, steps=t, taylor=False, recalibrate_bn=recalibrate, chunk_size=3, vectorize=True
+    )
     points = [{n: problem.params[n] + ti * d.vector[n] for n in problem.params} for ti in t]
     ref = _reference_losses(model, loader, points, recalibrate)
     np.testing.assert_allclose(s.loss, ref, rtol=1e-10)
@@ -423,6 +426,8 @@ def test_bad_inputs_raise_before_work():
         slice_1d(problem, d, span=(1.0, -1.0))
     with pytest.raises(ValueError, match="chunk_size"):
         slice_1d(problem, d, chunk_size=0)
+    with pytest.raises(ValueError, match="vectorize"):
+        slice_1d(problem, d, vectorize="yes")
     with pytest.raises(TypeError, match="not callable"):
         slice_1d(problem, d, metrics={"acc": 3})  # type: ignore[dict-item]
     with pytest.raises(ValueError, match="normalization"):
