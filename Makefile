@@ -19,6 +19,7 @@ venv: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python examples/digits_curvature.py
+	$(BIN)/python examples/train_with_curvature_monitor.py --out outputs/curvature_monitor
 	$(BIN)/python examples/observed_information.py
 	$(BIN)/python examples/contractive_autoencoder.py --out outputs/contractive
 
@@ -36,6 +37,12 @@ test: lint typecheck pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/hvp.py
+	$(BIN)/python benchmarks/eigen.py
+	$(BIN)/python benchmarks/estimators.py
+	$(BIN)/python benchmarks/contractive.py
+	$(BIN)/python benchmarks/information.py
+	$(BIN)/python benchmarks/callback_overhead.py
+	$(BIN)/python benchmarks/landscape.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
