@@ -493,8 +493,9 @@ class GradientCurvature(CurvatureMetric):
         return keys + (["gradient/lr", "gradient/step_star_over_lr"] if ctx.lr is not None else [])
 
     def compute(self, ctx: MetricContext) -> MetricOutput:
-        _, g = ctx.problem.loss_and_gradient()
-        hg = ctx.hessian().matvec(g)
+        H = ctx.hessian()
+        g = H.gradient()  # read from the cached first-order graph when there is one
+        hg = H.matvec(g)
         gg, ghg = float(g @ g), float(g @ hg)
         curv = ghg / gg if gg > 0 else math.nan
         eps = gg / ghg if ghg > 0 else math.nan

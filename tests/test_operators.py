@@ -244,3 +244,18 @@ def test_auto_falls_back_with_one_warning_when_a_mode_fails():
         NoDoubleBackward(problem)
     ref = HessianOperator(problem, mode="cached").to_dense()
     assert_close(H.to_dense(), ref, rtol=1e-10, atol=1e-12, what="fallback")
+
+
+def test_gradient_from_cached_graph_equals_problem_gradient(device):
+    model, loss_fn, (X, y) = case("mlp_relu_ce_mean").make(device)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=5)
+    problem = CurvatureProblem(model, loss_fn, loader)
+    _, ref = problem.loss_and_gradient()
+    for mode in ["cached", "reverse-over-reverse"]:
+        H = HessianOperator(problem, mode=mode)
+        assert_close(H.gradient(), ref, rtol=1e-12, atol=1e-14, what=mode)
+    X.requires_grad_(False)
+    g_full = torch.func.grad(lambda p: loss_fn(torch.func.functional_call(model, p, (X,)), y))(
+        dict(model.named_parameters())
+    )
+    assert_close(ref, problem.flatten(g_full), rtol=1e-12, atol=1e-14, what="vs torch.func.grad")

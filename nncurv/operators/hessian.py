@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from nncurv.operators._parameter import (
@@ -142,6 +143,35 @@ class HessianOperator(ParameterOperator):
 
     def _prepare(self, batch: Batch, mode: str) -> BatchProduct:
         return _MODES[mode](self.problem, batch)
+
+    def gradient(self) -> Tensor:
+        """Flat gradient of the data-set loss at the operator's parameters.
+
+        In the cached mode the first-order graphs kept for the products already hold it, so no
+        further forward or backward pass is made; otherwise it is computed by the problem.
+
+        Example:
+            >>> import torch
+            >>> from nncurv import CurvatureProblem
+            >>> X, y = torch.randn(8, 2).double(), torch.randn(8, 1).double()
+            >>> model = torch.nn.Linear(2, 1).double()
+            >>> problem = CurvatureProblem(model, torch.nn.MSELoss(), (X, y))
+            >>> H = HessianOperator(problem, mode="cached")
+            >>> torch.allclose(H.gradient(), problem.loss_and_gradient()[1])
+            True
+        """
+        if self.mode != "cached":
+            return self.problem.loss_and_gradient()[1]
+        if len(self._cache) < self.problem.num_batches:
+            with self.problem.evaluating():
+                for batch in self.problem.batches():
+                    if batch.index not in self._cache:
+                        self._cache[batch.index] = self._prepare(batch, self.mode)
+        total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+        for prod in self._cache.values():
+            assert isinstance(prod, _Cached)
+            total += self.flatten({n: g.detach() for n, g in zip(prod.names, prod.grads)})
+        return self.problem.all_reduce(total)
 
 
 def hessian(
