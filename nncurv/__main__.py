@@ -139,7 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="recompute BatchNorm statistics on the data at every landscape point",
     )
     land.add_argument(
-        "--chunk-size", type=int, default=32, help="landscape points per vectorised pass (32)"
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="landscape points per vectorised pass (default: 8 on CPU, 64 on GPU)",
     )
     m = r.add_argument_group("output")
     m.add_argument("--no-tensorboard", action="store_true", help="do not write event files")

@@ -116,8 +116,9 @@ def _check_common(
     problem: Any,
     directions: Sequence[Any],
     metrics: Mapping[str, Metric] | None,
-    chunk_size: int,
+    chunk_size: int | None,
     recalibrate_bn: bool,
+    vectorize: bool | str,
 ) -> None:
     if not isinstance(problem, CurvatureProblem):
         raise TypeError(f"problem must be a CurvatureProblem, got {type(problem).__name__}")
@@ -148,8 +149,12 @@ def _check_common(
                 raise TypeError(f"metric {k!r} is not callable: {m!r}")
             if k == "loss":
                 raise ValueError("metric name 'loss' is reserved")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if chunk_size is not None and (
+        isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
+    ):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if vectorize not in (True, False, "auto"):
+        raise ValueError(f"vectorize must be True, False or 'auto', got {vectorize!r}")
     if recalibrate_bn and problem.batchnorm == "batch":
         raise ValueError(
             "recalibrate_bn=True needs a problem with batchnorm='eval' (with 'batch' the running "
@@ -262,7 +267,7 @@ def _run(
     directions: Sequence[Direction],
     axes: Sequence[np.ndarray],
     metrics: Mapping[str, Metric] | None,
-    chunk_size: int,
+    chunk_size: int | None,
     vectorize: bool | str,
     recalibrate_bn: bool,
     progress: bool,
@@ -301,7 +306,7 @@ def slice_1d(
     taylor: bool = True,
     taylor_rtol: float = 0.05,
     curvature_operator: Any = None,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
     vectorize: bool | str = "auto",
     recalibrate_bn: bool = False,
     progress: bool = False,
@@ -319,11 +324,9 @@ def slice_1d(
         taylor_rtol: Relative-error tolerance of the Taylor model's valid range.
         curvature_operator: Operator for the Taylor curvature (default the Hessian).
         chunk_size: Grid points per vectorised evaluation (bounds memory: activations of
-            ``chunk_size`` copies of a batch).
-        vectorize: ``"auto"``: ``torch.func.vmap`` over the points of a chunk on accelerators
-            (falling back to a loop if a layer cannot be vmapped) and a loop over points on
-            CPU, where the evaluation is compute-bound and vmap measured no faster;
-            ``True`` (vmap, errors propagate) or ``False`` (loop).
+            ``chunk_size`` copies of a batch); default 8 on CPU, 64 on accelerators.
+        vectorize: ``"auto"`` (``torch.func.vmap`` over the points of a chunk, a loop if a
+            layer cannot be vmapped), ``True`` (vmap, errors propagate) or ``False`` (loop).
         recalibrate_bn: Recompute BatchNorm running statistics on the data at every point
             (the statistics the point's network would have after training on the data), without
             touching the model's buffers. Needs ``batchnorm="eval"`` in the problem.
@@ -343,7 +346,7 @@ def slice_1d(
         optimization problems", ICLR 2015 (linear interpolation).
     """
     t0 = time.perf_counter()
-    _check_common(problem, [direction], metrics, chunk_size, recalibrate_bn)
+    _check_common(problem, [direction], metrics, chunk_size, recalibrate_bn, vectorize)
     axis = _coords(steps, span, "steps")
     loss, mets, center, vec, nev = _run(
         problem, [direction], [axis], metrics, chunk_size, vectorize, recalibrate_bn, progress
@@ -378,7 +381,7 @@ def slice_2d(
     span: tuple[float, float] | tuple[tuple[float, float], tuple[float, float]] = (-1.0, 1.0),
     coords: tuple[Sequence[float], Sequence[float]] | None = None,
     metrics: Mapping[str, Metric] | None = None,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
     vectorize: bool | str = "auto",
     recalibrate_bn: bool = False,
     progress: bool = False,
@@ -420,7 +423,9 @@ def slice_2d(
         True
     """
     t0 = time.perf_counter()
-    _check_common(problem, [direction_x, direction_y], metrics, chunk_size, recalibrate_bn)
+    _check_common(
+        problem, [direction_x, direction_y], metrics, chunk_size, recalibrate_bn, vectorize
+    )
     if coords is not None:
         if len(coords) != 2:
             raise ValueError(f"coords must be a pair of sequences, got {coords!r}")

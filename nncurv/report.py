@@ -252,7 +252,7 @@ def build_report(
     information: bool = True,
     information_metrics: Sequence[str] = DEFAULT_INFORMATION_METRICS,
     tensorboard: bool = True,
-    chunk_size: int = 32,
+    chunk_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> Report:
@@ -285,7 +285,7 @@ def build_report(
         information: Compute observed-information metrics when the loss is a likelihood.
         information_metrics: Which (see :data:`nncurv.information.ALL_METRICS`).
         tensorboard: Write TensorBoard event files.
-        chunk_size: Landscape points per vectorised evaluation.
+        chunk_size: Landscape points per vectorised evaluation (default 8 on CPU, 64 on GPU).
         seed: Seed of every random probe and direction.
         progress: Print progress to stderr.
 
@@ -310,7 +310,7 @@ def build_report(
         ("steps", steps, 3),
         ("grid", grid, 3),
         ("random_directions", random_directions, 0),
-        ("chunk_size", chunk_size, 1),
+        ("chunk_size", 1 if chunk_size is None else chunk_size, 1),
     ):
         if isinstance(val, bool) or not isinstance(val, int) or val < lo:
             raise ReportInputError(f"{opt} must be an int >= {lo}, got {val!r}")
