@@ -259,3 +259,18 @@ def test_gradient_from_cached_graph_equals_problem_gradient(device):
         dict(model.named_parameters())
     )
     assert_close(ref, problem.flatten(g_full), rtol=1e-12, atol=1e-14, what="vs torch.func.grad")
+
+
+def test_cached_vmapped_backward_equals_column_loop():
+    # the batched backward is what accelerators use; on CPU mm loops over columns
+    from nncurv.operators._parameter import grad_products
+
+    model, loss_fn, data = case("cnn_ce_mean").make("cpu")
+    H = HessianOperator(CurvatureProblem(model, loss_fn, data), mode="cached")
+    V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(5), dtype=H.dtype)
+    loop = H.matmat(V)
+    (prod,) = H._cache.values()
+    Vd = H._split_columns(V)
+    batched = grad_products(prod.grads, prod.leaves, [Vd[n] for n in prod.names], batched=True)
+    joined = H._join_columns(dict(zip(prod.names, batched)), 3)
+    assert_close(joined, loop, rtol=1e-10, atol=1e-12, what="batched vs loop")

@@ -71,6 +71,10 @@ class _Cached(BatchProduct):
         return dict(zip(self.names, out))
 
     def mm(self, V: Params) -> Params:
+        if self.leaves[0].device.type == "cpu":
+            # on CPU, one backward per column beats the vmapped backward (measured: 1.6x on a
+            # 21k-parameter CNN, 1.1x on an MLP); accelerators gain from the batched one
+            return super().mm(V)
         try:
             out = grad_products(self.grads, self.leaves, [V[n] for n in self.names], batched=True)
         except RuntimeError:  # an op without a batching rule in its backward: loop instead
