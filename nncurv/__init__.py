@@ -5,6 +5,7 @@ Layers: the functional view (:class:`CurvatureProblem`), operators (:class:`Hess
 Lightning callback in :mod:`nncurv.callbacks`, landscape analysis, examples).
 """
 
+from nncurv import linalg
 from nncurv.batches import BatchFormat, DictBatch
 from nncurv.contractive import (
     ContractiveLoss,
@@ -33,6 +34,19 @@ from nncurv.jacobians import (
     singular_values,
     spectral_norm,
 )
+from nncurv.linalg import (
+    DiagonalResult,
+    EigenResult,
+    NonFiniteError,
+    SpectralDensity,
+    TraceResult,
+    diagonal,
+    eigenvalues,
+    ggn_diagonal,
+    plot_spectral_density,
+    spectral_density,
+    trace,
+)
 from nncurv.operators import (
     CallableOperator,
     GGNOperator,
@@ -52,6 +66,18 @@ __all__ = [
     "BatchFormat",
     "CallableOperator",
     "ContractiveLoss",
+    "DiagonalResult",
+    "EigenResult",
+    "NonFiniteError",
+    "SpectralDensity",
+    "TraceResult",
+    "diagonal",
+    "eigenvalues",
+    "ggn_diagonal",
+    "linalg",
+    "plot_spectral_density",
+    "spectral_density",
+    "trace",
     "FrobeniusResult",
     "InformationMetrics",
     "InformationOperator",
