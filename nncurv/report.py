@@ -322,6 +322,13 @@ def build_report(
         raise ReportInputError(f"--device: {device!r} is not a device: {err}") from err
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ReportInputError(f"--device {device!r}: CUDA is not available on this machine")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as err:
+        raise ReportInputError(
+            "nncurv report draws its figures with matplotlib: pip install matplotlib "
+            "(or nncurv[examples])"
+        ) from err
     if information:
         from nncurv.information import ALL_METRICS
 
