@@ -20,8 +20,14 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python examples/digits_curvature.py
 	$(BIN)/python examples/train_with_curvature_monitor.py --out outputs/curvature_monitor
+	$(BIN)/nncurv report --module examples.digits:DigitsClassifier \
+		--ckpt outputs/curvature_monitor/digits_mlp.ckpt --data examples.digits:make_loader \
+		--data-kwargs '{"shuffle": false, "batch_size": 2048}' --out outputs/report
 	$(BIN)/python examples/observed_information.py
 	$(BIN)/python examples/contractive_autoencoder.py --out outputs/contractive
+	@echo
+	@echo "Done. Report: outputs/report/report.html (open it in a browser)"
+	@echo "TensorBoard:  $(BIN)/tensorboard --logdir outputs --host 127.0.0.1"
 
 lint: $(STAMP)
 	$(BIN)/ruff check nncurv callbacks tests examples benchmarks
