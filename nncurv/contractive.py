@@ -21,13 +21,15 @@ and dropout off; its flags, buffers and the global RNG are left untouched.
 from __future__ import annotations
 
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
 from nncurv._jacobian_core import Vectorize, check_input, new_generator, per_sample_jacobian
 from nncurv._jacobian_norms import Distribution, ProbeSide, choose_side, draw_probes
+from nncurv._state import _DROPOUT_TYPES, is_batchnorm
 from nncurv.jacobians import frobenius_from_operator
 
 __all__ = [
@@ -78,6 +80,79 @@ def _sigmoid_linear(encoder: nn.Module) -> tuple[nn.Linear | None, str]:
     ):
         return layers[0], desc
     return None, desc
+
+
+class _SigmoidPenaltySum(torch.autograd.Function):
+    r"""``scale * sum_bj (h (1 - h))_bj^2 ||W_j||^2`` with its analytic gradient, few kernels.
+
+    Old-style (``forward(ctx, ...)``) on purpose: new-style ``setup_context`` functions bind
+    their arguments with ``inspect.signature`` at every call (~40 us on CPU, more than the plain
+    expression costs), and the combined form can save the forward's intermediates. Under
+    ``torch.func`` transforms, which need ``setup_context``, :func:`_sigmoid_penalty_sum` uses
+    the plain expression instead. Gradients: :math:`\partial / \partial h = 2 c\, s (1 - 2h)
+    \|W_j\|^2` and :math:`\partial / \partial W_{ji} = 2 c \sum_b s_{bj}^2 W_{ji}` with
+    :math:`s = h(1-h)`; when the backward itself is differentiated (``create_graph=True``) they
+    are recomputed from the saved inputs with differentiable operations, so higher derivatives
+    are those of the plain expression.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, weight: Tensor, scale: float) -> Tensor:  # noqa: D102
+        s = h - h * h
+        col = (s * s).sum(0)
+        r = (weight * weight).sum(1)
+        ctx.save_for_backward(h, weight, s, col, r)
+        ctx.scale = scale
+        return col.dot(r) * scale
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: D102
+        h, weight, s, col, r = ctx.saved_tensors
+        c = grad * (2.0 * ctx.scale)
+        if torch.is_grad_enabled():  # create_graph: differentiable, from the inputs
+            s = h - h * h
+            col = (s * s).sum(0)
+            r = (weight * weight).sum(1)
+            return (s - 2 * s * h) * (r * c), weight * (col * c).unsqueeze(1), None
+        gh = torch.addcmul(s, s, h, value=-2).mul_(r * c) if ctx.needs_input_grad[0] else None
+        gw = weight * (col * c).unsqueeze(1) if ctx.needs_input_grad[1] else None
+        return gh, gw, None
+
+
+def _sigmoid_penalty_sum(h: Tensor, weight: Tensor, scale: float) -> Tensor:
+    """``scale * sum_b ||J_f(x_b)||_F^2`` of a sigmoid encoder from its hidden units ``h``."""
+    if torch._C._are_functorch_transforms_active():
+        s = h - h * h
+        return (s * s).sum(0).dot((weight * weight).sum(1)) * scale
+    return _SigmoidPenaltySum.apply(h, weight, scale)  # type: ignore[no-any-return]
+
+
+# layers whose direct call can differ from the analysis call (mode-dependent or RNG-using)
+_NOT_PLAIN: tuple[type[nn.Module], ...] = (
+    *_DROPOUT_TYPES,
+    nn.RNNBase,
+    nn.MultiheadAttention,
+    nn.Transformer,
+    nn.TransformerEncoder,
+    nn.TransformerDecoder,
+    nn.TransformerEncoderLayer,
+    nn.TransformerDecoderLayer,
+)
+
+
+def _is_plain(encoder: nn.Module) -> bool:
+    """Whether ``encoder(x)`` equals its analysis call (eval BatchNorm, dropout off, RNG kept).
+
+    True for trees of standard ``torch.nn`` layers without BatchNorm, dropout, recurrent or
+    attention layers: their forward neither depends on the train/eval flag nor draws random
+    numbers. Custom modules are never assumed plain.
+    """
+    return all(
+        type(m).__module__.startswith("torch.nn.modules.")
+        and not is_batchnorm(m)
+        and not isinstance(m, _NOT_PLAIN)
+        for m in encoder.modules()
+    )
 
 
 def _closed_form_applies(encoder: nn.Module, x: Tensor) -> bool:
@@ -404,6 +479,8 @@ class ContractiveLoss(nn.Module):
         self._checked: dict[int, Vectorize] = {}  # id(encoder) -> verified vectorisation
         # id(encoder) -> (encoder, its Linear when it is a sigmoid encoder, else None)
         self._closed_form: dict[int, tuple[nn.Module, nn.Linear | None]] = {}
+        # id(encoder) -> (encoder, input shape, one-probe side; None: no fast path)
+        self._hutch_side: dict[int, tuple[nn.Module, tuple[int, ...], str | None]] = {}
 
     def _gen(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device.type != device.type:
@@ -418,6 +495,9 @@ class ContractiveLoss(nn.Module):
         fast = self._closed_form_fast_path(encoder, x, hidden)
         if fast is not None:
             return fast
+        hutch = self._hutchinson_fast_path(encoder, x)
+        if hutch is not None:
+            return hutch[1]
         x = check_input(x)
         gen = self._gen(x.device)
         vec = self._vectorize(encoder, x)
@@ -443,7 +523,96 @@ class ContractiveLoss(nn.Module):
                 generator=gen,
                 vectorize=vec,
             )
+        self._learn_probe_side(encoder, x, vec)
         return loss
+
+    def encode(self, encoder: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+        r"""Return ``(encoder(x), penalty)``, sharing work between the two where possible.
+
+        For a training step that needs the hidden units anyway:
+        ``h, pen = crit.encode(enc, x); loss = recon(dec(h), x) + pen``. The hidden units are
+        those of a plain call ``encoder(x)`` (with its graph). With one Hutchinson probe they
+        come from the very forward pass that gives the probe's product (a reverse-mode
+        :math:`J^\top u` from the same graph, or a forward-mode :math:`J v` carried along with
+        it), so the penalty costs no extra forward; with the closed form they are reused by it.
+        The penalty (value and probes) is the one :meth:`forward` would return.
+
+        Example:
+            >>> import torch
+            >>> enc = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh())
+            >>> x = torch.randn(8, 4)
+            >>> h, pen = ContractiveLoss(0.5, method="hutchinson").encode(enc, x)
+            >>> torch.allclose(h, enc(x)), torch.allclose(pen, ContractiveLoss(0.5,
+            ...     method="hutchinson")(enc, x))
+            (True, True)
+        """
+        if self.method == "hutchinson":
+            hutch = self._hutchinson_fast_path(encoder, x)
+            if hutch is not None:
+                return hutch
+        h = encoder(x)
+        fast = self._closed_form_fast_path(encoder, x, h)
+        return h, fast if fast is not None else self.forward(encoder, x, hidden=h)
+
+    # ------------------------------------------------------------------------- fast paths
+    def _learn_probe_side(self, encoder: nn.Module, x: Tensor, vec: Vectorize) -> None:
+        """After a checked one-probe Hutchinson call, remember the encoder's probe side."""
+        if (
+            self.method != "hutchinson"
+            or self.num_probes != 1
+            or self.higher_order_weight > 0
+            or vec != "batch"
+            or id(encoder) in self._hutch_side
+        ):
+            return
+        side = None
+        if _is_plain(encoder):
+            with torch.no_grad():
+                out = encoder(x[:1])
+            if isinstance(out, Tensor) and out.ndim >= 1 and out.shape[0] == 1:
+                side = "output" if out[0].numel() <= x[0].numel() else "input"
+        self._hutch_side[id(encoder)] = (encoder, tuple(x.shape[1:]), side)
+
+    def _hutchinson_fast_path(self, encoder: nn.Module, x: Tensor) -> tuple[Tensor, Tensor] | None:
+        r"""One-probe Hutchinson through plain autograd on the encoder, ``(h, penalty)``.
+
+        Taken once a checked call showed that the encoder treats samples independently and it
+        is :func:`_is_plain` (so calling it directly is the analysis call). The probe is drawn
+        exactly as the general path draws it (same generator, shape and side), so the value is
+        the same estimate, unbiased with its gradient. Output side: :math:`\|J^\top u\|^2` by
+        one ``autograd.grad`` on the graph of ``h = encoder(x)``; input side: :math:`\|J v\|^2`
+        with :math:`J v` the tangent of a forward-mode dual pass that also yields ``h``.
+        """
+        known = self._hutch_side.get(id(encoder))
+        if known is None or known[0] is not encoder or known[2] is None:
+            return None
+        if not isinstance(x, Tensor) or tuple(x.shape[1:]) != known[1] or x.is_inference():
+            return None
+        if not torch.is_grad_enabled() or torch.is_inference_mode_enabled():
+            return None
+        if not any(p.requires_grad for p in encoder.parameters()):
+            return None  # no graph wanted: the general path returns a constant
+        if not x.dtype.is_floating_point or x.shape[0] == 0:
+            return None
+        gen = self._gen(x.device)
+        B = x.shape[0]
+        if known[2] == "output":
+            xr = x if x.requires_grad else x.detach().requires_grad_(True)
+            h = encoder(xr)
+            u = draw_probes(
+                (B, h[0].numel(), 1), "rademacher", dtype=h.dtype, device=h.device, generator=gen
+            )
+            (prod,) = torch.autograd.grad(h, xr, u.reshape(h.shape), create_graph=True)
+        else:
+            v = draw_probes(
+                (B, x[0].numel(), 1), "rademacher", dtype=x.dtype, device=x.device, generator=gen
+            )
+            with fwAD.dual_level():
+                # x need not require grad here: the tangent carries the dependence on x
+                h, tangent = fwAD.unpack_dual(encoder(fwAD.make_dual(x, v.reshape(x.shape))))
+            prod = torch.zeros_like(h) if tangent is None else tangent
+        scale = self.weight / B if self.reduction == "mean" else self.weight
+        return h, prod.square().sum() * scale
 
     def _closed_form_fast_path(
         self, encoder: nn.Module, x: Tensor, hidden: Tensor | None
@@ -451,11 +620,12 @@ class ContractiveLoss(nn.Module):
         """The closed form with no per-call Python validation once the encoder was checked.
 
         The first call for an encoder goes through :func:`sigmoid_closed_form` (full checks);
-        later calls with 2-D inputs and the reused ``hidden`` units cost only the arithmetic.
+        later calls with 2-D inputs cost only the arithmetic (a fused kernel sequence), plus
+        the encoder's forward when ``hidden`` is not given.
         """
         if self.higher_order_weight > 0 or self.method not in ("closed_form", "auto"):
             return None
-        if not (isinstance(x, Tensor) and isinstance(hidden, Tensor) and x.ndim == 2):
+        if not (isinstance(x, Tensor) and x.ndim == 2):
             return None
         known = self._closed_form.get(id(encoder))
         if known is None or known[0] is not encoder:
@@ -463,12 +633,18 @@ class ContractiveLoss(nn.Module):
             self._closed_form[id(encoder)] = (encoder, lin)
             return None  # the first call takes the checked path
         lin = known[1]
-        if lin is None or hidden.shape != (x.shape[0], lin.out_features) or x.is_inference():
+        if lin is None or x.is_inference() or x.shape[1] != lin.in_features:
             return None
-        h = hidden
-        per_sample = (h - h * h).square() @ lin.weight.square().sum(dim=1)
+        if hidden is None:
+            if not x.dtype.is_floating_point or x.shape[0] == 0:
+                return None
+            h = torch.sigmoid(nn.functional.linear(x, lin.weight, lin.bias))
+        elif isinstance(hidden, Tensor) and hidden.shape == (x.shape[0], lin.out_features):
+            h = hidden
+        else:
+            return None
         scale = self.weight / x.shape[0] if self.reduction == "mean" else self.weight
-        return per_sample.sum() * scale
+        return _sigmoid_penalty_sum(h, lin.weight, scale)
 
     def _vectorize(self, encoder: nn.Module, x: Tensor) -> Vectorize:
         if self.vectorize != "auto":

@@ -484,3 +484,122 @@ def test_contractive_loss_fast_path_equals_checked_closed_form(reduction):
     for _ in range(2):  # the refusal is not bypassed by the cache
         with pytest.raises(ValueError, match="sigmoid"):
             strict(relu, x, hidden=relu(x))
+
+
+# ------------------------------------------------------- fused closed form and fast paths
+def _plain_sigmoid_sum(h: torch.Tensor, W: torch.Tensor, scale: float) -> torch.Tensor:
+    return ((h * (1 - h)) ** 2 * (W**2).sum(1)).sum() * scale
+
+
+def test_fused_closed_form_value_gradient_and_double_backward() -> None:
+    from nncurv.contractive import _sigmoid_penalty_sum
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.rand(6, 4, dtype=DT, generator=g).requires_grad_(True)
+    W = (3 * torch.randn(4, 5, dtype=DT, generator=g)).requires_grad_(True)
+    fused = _sigmoid_penalty_sum(h, W, 0.7)
+    plain = _plain_sigmoid_sum(h, W, 0.7)
+    assert fused.grad_fn is not None and "SigmoidPenaltySum" in type(fused.grad_fn).__name__
+    assert_close(fused, plain, rtol=1e-12)
+    for a, b in zip(torch.autograd.grad(fused, (h, W)), torch.autograd.grad(plain, (h, W))):
+        assert_close(a, b, rtol=1e-10, atol=1e-14)
+    # double backward: the full Hessian in (h, W) equals that of the plain expression
+    hes_f = torch.autograd.functional.hessian(lambda a, b: _sigmoid_penalty_sum(a, b, 0.7), (h, W))
+    hes_p = torch.autograd.functional.hessian(lambda a, b: _plain_sigmoid_sum(a, b, 0.7), (h, W))
+    for row_f, row_p in zip(hes_f, hes_p):
+        for a, b in zip(row_f, row_p):
+            assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert float(hes_p[0][1].abs().max()) > 1e-3  # the mixed block is not trivially zero
+    assert torch.autograd.gradgradcheck(lambda a, b: _sigmoid_penalty_sum(a, b, 0.7), (h, W))
+    # only one input requiring a gradient
+    (gw,) = torch.autograd.grad(_sigmoid_penalty_sum(h.detach(), W, 0.7), W)
+    (gw_ref,) = torch.autograd.grad(_plain_sigmoid_sum(h.detach(), W, 0.7), W)
+    assert_close(gw, gw_ref, rtol=1e-10)
+    # under torch.func transforms the plain expression is used (old-style Functions refuse them)
+    gf = torch.func.grad(lambda a: _sigmoid_penalty_sum(a, W.detach(), 0.7))(h.detach())
+    gp = torch.func.grad(lambda a: _plain_sigmoid_sum(a, W.detach(), 0.7))(h.detach())
+    assert_close(gf, gp, rtol=1e-10)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_contractive_loss_closed_form_fast_path_without_hidden(reduction: str) -> None:
+    enc = _sigmoid_encoder()
+    x = torch.randn(8, 7, dtype=DT)
+    crit = ContractiveLoss(0.3, method="closed_form", reduction=reduction)  # type: ignore[arg-type]
+    ref = 0.3 * contractive_penalty(enc, x, method="exact", reduction=reduction)  # type: ignore[arg-type]
+    g_ref = _grads(ref, enc)
+    for _ in range(3):  # checked first call, then the fused fast path
+        value = crit(enc, x)
+        assert_close(value, ref, rtol=1e-10)
+        for a, b in zip(_grads(value, enc), g_ref):
+            assert_close(a, b, rtol=1e-10, atol=1e-14)
+    h, pen = crit.encode(enc, x)
+    assert_close(h, enc(x), rtol=0, atol=0)
+    assert_close(pen, ref, rtol=1e-10)
+
+
+def _hutch_encoder(d_in: int, d_out: int) -> nn.Sequential:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(d_in, 5), nn.Tanh(), nn.Linear(5, d_out), nn.Softplus()).to(DT)
+
+
+@pytest.mark.parametrize(("d_in", "d_out", "side"), [(6, 4, "output"), (3, 6, "input")])
+def test_hutchinson_fast_path_is_the_general_estimate(d_in: int, d_out: int, side: str) -> None:
+    enc = _hutch_encoder(d_in, d_out)
+    x = torch.randn(5, d_in, dtype=DT)
+    fast = ContractiveLoss(0.3, method="hutchinson", seed=7)
+    general = ContractiveLoss(0.3, method="hutchinson", seed=7, vectorize="vmap")
+    for i in range(4):  # the first call is checked and learns the probe side
+        a = fast(enc, x) if i % 2 else fast.encode(enc, x)[1]
+        b = general(enc, x)
+        assert_close(a, b, rtol=1e-12)
+        for ga, gb in zip(_grads(a, enc), _grads(b, enc)):
+            assert_close(ga, gb, rtol=1e-10, atol=1e-14)
+    assert fast._hutch_side[id(enc)][2] == side
+    assert general._hutch_side == {}  # vmap: no fast path
+    # encode: the hidden units are encoder(x), with the encoder's graph for the training loss
+    h, pen = fast.encode(enc, x)
+    assert_close(h, enc(x), rtol=1e-14)
+    loss = h.square().sum() + pen
+    ref = enc(x).square().sum() + general(enc, x)
+    for ga, gb in zip(_grads(loss, enc), _grads(ref, enc)):
+        assert_close(ga, gb, rtol=1e-10, atol=1e-14)
+
+
+@pytest.mark.parametrize(("d_in", "d_out"), [(6, 4), (3, 6)])
+def test_hutchinson_fast_path_is_unbiased_in_value_and_gradient(d_in: int, d_out: int) -> None:
+    enc = _hutch_encoder(d_in, d_out)
+    x = torch.randn(3, d_in, dtype=DT)
+    params = list(enc.parameters())
+    exact = _dense_penalty(enc, x)
+    g_exact = torch.cat([g.reshape(-1) for g in torch.autograd.grad(exact, params)])
+    crit = ContractiveLoss(method="hutchinson", seed=5)
+    vals, grads = [], []
+    for _ in range(400):
+        p = crit.encode(enc, x)[1]
+        vals.append(p.detach())
+        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(p, params)]))
+    assert crit._hutch_side[id(enc)][2] is not None  # all but the first call took the fast path
+    V, G = torch.stack(vals), torch.stack(grads)
+    assert float((V.mean() - exact.detach()).abs() / (V.std() / math.sqrt(len(V)))) < 4.0
+    se = G.std(0) / math.sqrt(G.shape[0])
+    assert float(((G.mean(0) - g_exact).abs() / se.clamp_min(1e-12)).max()) < 5.0
+    assert float(((0.75 * G.mean(0) - g_exact).abs() / se.clamp_min(1e-12)).max()) > 5.0
+
+
+def test_hutchinson_fast_path_only_where_a_direct_call_is_the_analysis_call() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, dtype=DT)
+    drop = nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.5), nn.Tanh()).to(DT)  # train mode
+    crit = ContractiveLoss(method="hutchinson", seed=3)
+    ref = ContractiveLoss(method="hutchinson", seed=3, vectorize="vmap")
+    for _ in range(2):  # dropout stays off in the penalty: no fast path for this encoder
+        assert_close(crit(drop, x), ref(drop, x), rtol=1e-12)
+    assert crit._hutch_side[id(drop)][2] is None
+    assert drop.training and drop[1].training
+    enc = nn.Sequential(nn.Linear(5, 4), nn.Tanh()).to(DT)
+    crit(enc, x)
+    with torch.no_grad():  # no graph wanted: general path, a constant
+        assert not crit(enc, x).requires_grad
+    enc.requires_grad_(False)
+    assert not crit(enc, x).requires_grad
