@@ -235,15 +235,38 @@ def test_auto_falls_back_with_one_warning_when_a_mode_fails():
 
     model, loss_fn, data = case("mlp_relu_ce_mean").make("cpu")
     problem = CurvatureProblem(model, loss_fn, data)
+    ref = HessianOperator(problem, mode="cached").to_dense()
+    H = NoDoubleBackward(problem)  # auto: cached, verified by the first real product
+    assert H.mode == "cached" and not H.mode_errors
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(0), dtype=H.dtype)
     with pytest.warns(RuntimeWarning, match="cached .NotImplementedError: double backward"):
-        H = NoDoubleBackward(problem)
+        Hv = H @ v
+    assert_close(Hv, ref @ v, rtol=1e-10, atol=1e-12, what="first product after fallback")
     assert H.mode in ("forward-over-reverse", "reverse-over-reverse")
     assert "cached" in H.mode_errors
+    assert H.num_matvecs == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the same failure is not reported twice
-        NoDoubleBackward(problem)
-    ref = HessianOperator(problem, mode="cached").to_dense()
+        NoDoubleBackward(problem) @ v
     assert_close(H.to_dense(), ref, rtol=1e-10, atol=1e-12, what="fallback")
+
+
+def test_auto_spends_no_product_on_a_probe():
+    model, loss_fn, data = case("mlp_relu_ce_mean").make("cpu")
+    calls = {"n": 0}
+
+    def counting_loss(out, target):
+        calls["n"] += 1
+        return loss_fn(out, target)
+
+    problem = CurvatureProblem(model, counting_loss, data)
+    before = calls["n"]
+    H = HessianOperator(problem)
+    assert calls["n"] == before  # construction evaluates nothing
+    v = torch.ones(H.shape[0], dtype=H.dtype)
+    H @ v
+    H @ v
+    assert calls["n"] == before + 1  # one graph, reused by the second product
 
 
 def test_gradient_from_cached_graph_equals_problem_gradient(device):

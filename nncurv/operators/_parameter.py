@@ -104,6 +104,7 @@ class ParameterOperator(LinearOperator):
         self.max_cached_batches = max_cached_batches
         self._cache: dict[int, BatchProduct] = {}
         self.mode_errors: dict[str, str] = {}
+        self._unverified = False  # "auto" picked the cached mode; the first product checks it
         self.mode = self._choose_mode() if mode == "auto" else mode
 
     # ------------------------------------------------------------------ vectors
@@ -140,6 +141,22 @@ class ParameterOperator(LinearOperator):
         raise NotImplementedError
 
     def _for_each_batch(self, fn: Callable[[BatchProduct], Tensor], init: Tensor) -> Tensor:
+        if not self._unverified:
+            return self._run(fn, init)
+        # "auto" chose the cached mode without spending a product on a probe: the first real
+        # product is the probe, and a failure falls back to the functional modes
+        try:
+            out = self._run(fn, init)
+        except Exception as err:  # e.g. an op without a double-backward formula
+            self._unverified = False
+            self._cache.clear()
+            self.mode_errors[self.cached_mode] = f"{type(err).__name__}: {err}"
+            self.mode = self._choose_functional_mode()
+            return self._run(fn, init)
+        self._unverified = False
+        return out
+
+    def _run(self, fn: Callable[[BatchProduct], Tensor], init: Tensor) -> Tensor:
         total: Tensor | None = None
         cached = self.mode == self.cached_mode
         if cached and self._cache and len(self._cache) == self.problem.num_batches:
@@ -176,33 +193,29 @@ class ParameterOperator(LinearOperator):
 
     # ------------------------------------------------------------------ auto mode
     def _choose_mode(self) -> str:
-        """Pick a mode by probing the first batch.
+        """Pick the mode for ``"auto"``.
 
-        The cached mode is taken whenever it works and the data has at most
-        ``max_cached_batches`` batches: each further product is then a single backward pass,
-        which no other mode beats. Otherwise the functional modes are each timed on one product
-        and the faster one that works is kept. Failures are reported in one warning.
+        With at most ``max_cached_batches`` batches the cached mode is taken: each further
+        product is then a single backward pass, which no other mode beats. It is verified by the
+        first real product (no product is spent on a probe); should that fail, the functional
+        modes take over. With more batches the functional modes are probed.
         """
+        if self.problem.num_batches <= self.max_cached_batches:
+            self._unverified = True
+            return self.cached_mode
+        return self._choose_functional_mode()
+
+    def _choose_functional_mode(self) -> str:
+        """Time each non-cached mode on one product of the first batch; keep the fastest."""
         gen = self.new_generator(12345)
         v = torch.randn(self.shape[0], generator=gen, dtype=self.dtype, device=self.device)
         vd = self.unflatten(v)
         timings: dict[str, float] = {}
-        chosen: str | None = None
         with self.problem.evaluating():
             it = self.problem.batches()
             batch = next(it)
             it.close()
-            if self.problem.num_batches <= self.max_cached_batches:
-                try:
-                    prod = self._prepare(batch, self.cached_mode)
-                    prod.mv(vd)
-                    self._cache[batch.index] = prod
-                    chosen = self.cached_mode
-                except Exception as err:  # e.g. an op without a double-backward formula
-                    self.mode_errors[self.cached_mode] = f"{type(err).__name__}: {err}"
             for m in self.modes:
-                if chosen is not None:
-                    break
                 if m == self.cached_mode:
                     continue
                 try:
@@ -213,13 +226,11 @@ class ParameterOperator(LinearOperator):
                     timings[m] = time.perf_counter() - t0
                 except Exception as err:  # a mode the model does not support
                     self.mode_errors[m] = f"{type(err).__name__}: {err}"
-        if chosen is None:
-            if not timings:
-                raise RuntimeError(
-                    f"{type(self).__name__}: no product mode works for this model: "
-                    f"{self.mode_errors}"
-                )
-            chosen = min(timings, key=timings.__getitem__)
+        if not timings:
+            raise RuntimeError(
+                f"{type(self).__name__}: no product mode works for this model: {self.mode_errors}"
+            )
+        chosen = min(timings, key=timings.__getitem__)
         key = (type(self).__name__, type(self.problem.model).__name__, tuple(self.mode_errors))
         if self.mode_errors and key not in _WARNED:
             _WARNED.add(key)
@@ -230,7 +241,7 @@ class ParameterOperator(LinearOperator):
                 f"{type(self).__name__}: mode(s) unavailable for this model: {failed}; "
                 f"using {chosen!r}",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=4,
             )
         return chosen
 

@@ -107,10 +107,12 @@ class HessianOperator(ParameterOperator):
         * ``"cached"``: the first-order graph is built once per batch and every product is one
           further backward pass (fastest for iterative algorithms; memory of one
           forward/backward graph per batch, released by :meth:`release` or with the operator);
-        * ``"auto"`` (default): each mode is probed once on the first batch and the fastest that
-          works is kept (cached only for at most ``max_cached_batches`` batches); modes that fail
-          for the model (e.g. forward-mode AD missing for an op) are reported in one warning and
-          in :attr:`mode_errors`.
+        * ``"auto"`` (default): the cached mode for at most ``max_cached_batches`` batches,
+          verified by the first real product (no product is spent on a probe) with a fall-back
+          to the functional modes should it fail; with more batches each functional mode is
+          timed once on the first batch and the faster that works is kept. Modes that fail for
+          the model (e.g. a missing double-backward or forward-mode formula) are reported in one
+          warning and in :attr:`mode_errors`.
 
     Args:
         problem: The model, loss and data (or pass them to :func:`nncurv.hessian`).
