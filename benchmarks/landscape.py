@@ -29,7 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import mlp, threads, timeit_many  # noqa: E402
 
 from nncurv import CurvatureProblem  # noqa: E402
+from nncurv._landscape_eval import evaluate_points  # noqa: E402
 from nncurv.landscape import random_direction, slice_2d  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 
 def digits(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +50,12 @@ def train(model: nn.Module, X: torch.Tensor, y: torch.Tensor, steps: int = 200) 
         opt.zero_grad()
         nn.functional.cross_entropy(model(X), y).backward()
         opt.step()
+
+
+def describe(model: nn.Module) -> str:
+    sizes = [m.in_features for m in model.modules() if isinstance(m, nn.Linear)]
+    last = [m.out_features for m in model.modules() if isinstance(m, nn.Linear)][-1:]
+    return "-".join(str(s) for s in sizes + last)
 
 
 def loop_grid(
@@ -85,12 +94,27 @@ def main() -> None:
     parser.add_argument(
         "--samples", type=int, default=None, help="evaluate on the first N samples (default: all)"
     )
+    parser.add_argument(
+        "--model",
+        choices=["bench", "example"],
+        default="bench",
+        help="bench: _common.mlp() (64-128-96-10); example: examples/digits.py's _mlp at its "
+        "default width (64-64-64-10)",
+    )
     args = parser.parse_args()
     threads()
     device = torch.device(args.device)
     torch.manual_seed(0)
     X, y = digits(device)
-    model = mlp().to(device)
+    if args.model == "bench":
+        model = mlp().to(device)
+    else:
+        import inspect
+
+        import digits as example  # examples/digits.py
+
+        width = inspect.signature(example.DigitsClassifier.__init__).parameters["width"].default
+        model = example._mlp(width).to(device)
     train(model, X, y)
     model.eval()
     if args.samples is not None:
@@ -105,6 +129,28 @@ def main() -> None:
             torch.cuda.synchronize(device)
         return s.loss
 
+    grid = np.stack([g.reshape(-1) for g in np.meshgrid(axis, axis, indexing="ij")], axis=1)
+    coeffs = torch.as_tensor(grid, dtype=problem.dtype, device=device)
+
+    def generic(chunk: int) -> np.ndarray:
+        """The same grid without the first-layer affine precomputation (every point runs the
+        whole network)."""
+        ev = evaluate_points(
+            problem,
+            problem.params,
+            [d1.vector, d2.vector],
+            coeffs,
+            chunk_size=chunk,
+            precompute_first_layer=False,
+        )
+        assert not ev.first_layer_precomputed
+        return ev.loss.double().cpu().numpy().reshape(len(axis), len(axis))
+
+    check = evaluate_points(
+        problem, problem.params, [d1.vector, d2.vector], coeffs[:2], chunk_size=2
+    )
+    print(f"first-layer affine precomputation used by slice_2d: {check.first_layer_precomputed}")
+
     ref = loop_grid(model, X, y, d1.vector, d2.vector, axis)
     for c in args.chunk_size:
         diff = np.abs(ours(c) - ref).max()
@@ -115,8 +161,13 @@ def main() -> None:
     diff = np.abs(ours(1, vectorize=False) - ref).max() / np.abs(ref).max()
     print(f"functional loop: relative difference {diff:.2e}")
     assert diff < 1e-4, "values differ"
+    for c in args.chunk_size:
+        diff = np.abs(generic(c) - ref).max() / np.abs(ref).max()
+        print(f"generic path (no precomputation) chunk {c}: relative difference {diff:.2e}")
+        assert diff < 1e-4, "values differ"
 
     fns = {f"nncurv vmap chunk={c}": (lambda c=c: ours(c)) for c in args.chunk_size}
+    fns.update({f"generic vmap chunk={c}": (lambda c=c: generic(c)) for c in args.chunk_size})
     fns["nncurv functional loop"] = lambda: ours(1, vectorize=False)
     fns["loop (loss-landscapes way)"] = lambda: loop_grid(model, X, y, d1.vector, d2.vector, axis)
     fns["loop under no_grad"] = lambda: loop_grid(
@@ -126,16 +177,22 @@ def main() -> None:
     n = args.steps**2
     params = sum(p.numel() for p in model.parameters())
     print(
-        f"\n{args.steps}x{args.steps} grid = {n} points, digits MLP ({params} parameters), "
+        f"\n{args.steps}x{args.steps} grid = {n} points, {args.model} digits MLP "
+        f"{describe(model)} ({params} parameters), "
         f"{len(y)} samples, {device}, {torch.get_num_threads()} threads"
     )
     base = times["loop (loss-landscapes way)"]
     for k, t in times.items():
-        print(f"  {k:<30} {t:8.3f} s   {1e3 * t / n:7.3f} ms/point   speed-up {base / t:5.2f}x")
+        print(f"  {k:<32} {t:8.3f} s   {1e3 * t / n:7.3f} ms/point   speed-up {base / t:5.2f}x")
     best = min(t for k, t in times.items() if k.startswith("nncurv vmap"))
     print(f"ratio loop / nncurv vmap (best chunk): {base / best:.2f}x (target >= 3x)")
     print(
         f"ratio no_grad loop / nncurv vmap (best chunk): {times['loop under no_grad'] / best:.2f}x"
+    )
+    best_generic = min(t for k, t in times.items() if k.startswith("generic vmap"))
+    print(
+        f"ratio generic vmap / nncurv vmap (best chunks; gain of the first-layer "
+        f"precomputation): {best_generic / best:.2f}x"
     )
     if device.type == "cpu":
         print(

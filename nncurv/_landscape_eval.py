@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from torch.func import vmap
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from nncurv._landscape_affine import AffinePlan, affine_plan
 from nncurv.problem import Batch, CurvatureProblem
 
 __all__ = ["GridEvaluation", "evaluate_points", "Progress", "default_chunk_size"]
@@ -75,12 +76,15 @@ class GridEvaluation:
         vectorized: Whether vmap was used (``False`` after a fallback to the loop).
         num_evaluations: Forward passes over a batch spent (one per point and batch, twice
             with BatchNorm recalibration).
+        first_layer_precomputed: Whether the first-layer affine precomputation was used (on at
+            least one batch).
     """
 
     loss: Tensor
     metrics: dict[str, Tensor]
     vectorized: bool
     num_evaluations: int
+    first_layer_precomputed: bool = False
 
 
 def _bn_modules(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -143,13 +147,36 @@ class _Evaluator:
         rows = [fn(C[i], {key: t[i] for key, t in extra.items()}) for i in range(C.shape[0])]
         return torch.stack(rows)
 
-    def values_fn(self, batch: Batch, frac: float) -> Callable[[Tensor, dict[str, Tensor]], Tensor]:
+    def values_fn(
+        self, batch: Batch, frac: float, plan: AffinePlan | None = None
+    ) -> Callable[[Tensor, dict[str, Tensor]], Tensor]:
+        """Loss and metrics of one point on ``batch``.
+
+        With ``plan``, from the precomputed first-layer outputs (``num_evaluations`` still
+        counts one per point).
+        """
         problem, metrics = self.problem, self.metrics
+        output: Callable[[Tensor, dict[str, Tensor]], Tensor]
+        if plan is None:
+
+            def output(c: Tensor, bn_state: dict[str, Tensor]) -> Tensor:
+                p = _point(self.center, self.dirs, c)
+                p.update(bn_state)
+                return problem.output(p, batch)
+
+        else:
+            first = {plan.weight, plan.bias}
+            center = {n: t for n, t in self.center.items() if n not in first}
+            dirs = [{n: t for n, t in d.items() if n not in first} for d in self.dirs]
+            fixed = {n: t for n, t in problem._fixed.items() if n not in first}
+
+            def output(c: Tensor, extra: dict[str, Tensor]) -> Tensor:
+                # extra["z"]: this point's first-layer output, computed for the whole chunk
+                state = {**fixed, **_point(center, dirs, c)}
+                return plan.rest_output(problem, state, extra["z"])
 
         def f(c: Tensor, bn_state: dict[str, Tensor]) -> Tensor:
-            p = _point(self.center, self.dirs, c)
-            p.update(bn_state)
-            out = problem.output(p, batch)
+            out = output(c, bn_state)
             vals = [(problem.output_loss(out, batch) * batch.weight).to(problem.dtype)]
             for m in metrics.values():
                 v = m(out) if batch.targets is None else m(out, batch.targets)
@@ -247,10 +274,26 @@ def evaluate_points(
     chunk_size: int | None = None,
     vectorize: bool | str = "auto",
     recalibrate_bn: bool = False,
+    precompute_first_layer: bool = True,
     progress: bool = False,
     desc: str = "landscape",
 ) -> GridEvaluation:
-    """Loss and metrics at ``center + coefficients @ directions`` for every row of coefficients.
+    r"""Loss and metrics at ``center + coefficients @ directions`` for every row of coefficients.
+
+    First-layer affine precomputation: when the model is an ``nn.Sequential`` (possibly nested
+    as first children) whose first module is an ``nn.Linear``, ``nn.Conv1d`` or ``nn.Conv2d``
+    applied to the raw input tensor, that layer's output is affine in the coefficients,
+
+    .. math::
+
+        z(c) = L(x;\, W_0, b_0) + \sum_j c_j\, L(x;\, D_j W, D_j b),
+
+    so it is computed ``k + 1`` times per batch instead of once per point, and each point
+    evaluates only the rest of the network on :math:`z(c)` (exact up to float rounding). It is
+    used automatically when safe (BatchNorm policy ``"eval"``, dropout ``"off"``, no BatchNorm
+    recalibration, default batch format, a tensor input, no hooks or tied parameters, finite
+    first-layer outputs); other models and batches take the generic path.
+    ``precompute_first_layer=False`` turns it off.
 
     Args:
         problem: The model, loss and data.
@@ -263,6 +306,7 @@ def evaluate_points(
         vectorize: ``"auto"`` (vmap, loop on failure), ``True`` (vmap, errors propagate) or
             ``False`` (loop).
         recalibrate_bn: Recompute BatchNorm running statistics on the data at every point.
+        precompute_first_layer: Use the first-layer affine precomputation where it applies.
         progress: Show a progress bar.
         desc: Its label.
 
@@ -278,6 +322,8 @@ def evaluate_points(
     C = coefficients.to(device=problem.device, dtype=problem.dtype)
     ev = _Evaluator(problem, center, directions, metrics, vectorize)
     bns = _bn_modules(problem.model) if recalibrate_bn else []
+    plan = affine_plan(problem) if precompute_first_layer and not recalibrate_bn else None
+    used_plan = False
     nb = problem.num_batches
     bar = Progress(P * nb * (2 if bns else 1), desc, progress)
     acc = torch.zeros(P, 1 + len(metrics), dtype=problem.dtype, device=problem.device)
@@ -286,9 +332,15 @@ def evaluate_points(
         with problem.evaluating(), torch.no_grad():
             stats = _bn_stats(ev, C, chunk_size, bns, bar) if bns else None
             for batch in problem.batches():
+                first = None
+                if plan is not None and isinstance(batch.inputs, Tensor):
+                    first = plan.first_outputs(problem, center, directions, batch)
+                used_plan |= first is not None
+                fn = ev.values_fn(batch, batch.size / N, plan if first is not None else None)
                 for sl in _chunks(P, chunk_size):
                     sub = {key: t[sl] for key, t in stats.items()} if stats else None
-                    fn = ev.values_fn(batch, batch.size / N)
+                    if first is not None:
+                        sub = {"z": first(C[sl])}
                     acc[sl] += ev.run(fn, C[sl], sub)
                     bar.update(sl.stop - sl.start)
     finally:
@@ -300,4 +352,5 @@ def evaluate_points(
         metrics={n: acc[:, 1 + i] for i, n in enumerate(names)},
         vectorized=ev.use_vmap and not ev.fell_back,
         num_evaluations=ev.evals,
+        first_layer_precomputed=used_plan,
     )

@@ -443,3 +443,200 @@ def test_bad_inputs_raise_before_work():
     wrong = Direction({**d.vector, "0.bias": torch.zeros(2, dtype=DT)}, d.info)
     with pytest.raises(ValueError, match="has shape"):
         slice_1d(problem, wrong)
+
+
+# ---------------------------------------------------------------- first-layer affine precomputation
+def _affine_model(kind: str, bias: bool, device: torch.device):
+    """Sequential models whose first layer takes the raw input, with float64 data."""
+    torch.manual_seed(3)
+    g = torch.Generator().manual_seed(4)
+    if kind == "mlp":  # nested: the first child is itself a Sequential
+        model = nn.Sequential(
+            nn.Sequential(nn.Linear(5, 7, bias=bias), nn.Tanh()),
+            nn.Linear(7, 6),
+            nn.Softplus(),
+            nn.Linear(6, 3),
+        )
+        X = torch.randn(24, 5, generator=g, dtype=DT)
+    elif kind == "conv1d":
+        model = nn.Sequential(
+            nn.Conv1d(2, 4, 3, padding=1, bias=bias),
+            nn.BatchNorm1d(4),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(4 * 6, 3),
+        )
+        X = torch.randn(24, 2, 6, generator=g, dtype=DT)
+    else:
+        model = nn.Sequential(
+            nn.Conv2d(1, 3, 3, stride=2, padding=1, padding_mode="reflect", bias=bias),
+            nn.BatchNorm2d(3),
+            nn.Tanh(),
+            nn.Flatten(),
+            nn.Linear(3 * 3 * 3, 3),
+        )
+        X = torch.randn(24, 1, 5, 5, generator=g, dtype=DT)
+    for m in model.modules():  # non-trivial running statistics (used with batchnorm="eval")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.uniform_(-0.5, 0.5, generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+    y = torch.randint(0, 3, (24,), generator=g)
+    return model.to(device=device, dtype=DT), (X.to(device), y.to(device))
+
+
+def _both_paths(problem, dirs, C, **kw):
+    from nncurv._landscape_eval import evaluate_points
+
+    vecs = [d.vector for d in dirs]
+    fast = evaluate_points(problem, problem.params, vecs, C, **kw)
+    slow = evaluate_points(problem, problem.params, vecs, C, precompute_first_layer=False, **kw)
+    return fast, slow
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv1d", "conv2d"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("k", [1, 2])
+def test_first_layer_precomputation_matches_generic_path(device, kind, bias, k):
+    model, data = _affine_model(kind, bias, device)
+    problem = CurvatureProblem(model, nn.CrossEntropyLoss(), data)
+    dirs = [random_direction(problem, seed=s) for s in range(1, k + 1)]
+    C = torch.randn(13, k, generator=torch.Generator().manual_seed(5), dtype=DT).to(device)
+    fast, slow = _both_paths(problem, dirs, C, metrics={"acc": accuracy}, chunk_size=4)
+    assert fast.first_layer_precomputed and not slow.first_layer_precomputed
+    assert fast.vectorized and slow.vectorized
+    torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-12, atol=1e-13)
+    torch.testing.assert_close(fast.metrics["acc"], slow.metrics["acc"], rtol=0, atol=0)
+    # also against an independent reference: a model copy with the point's parameters loaded
+    ref = copy.deepcopy(model).eval()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for i in (0, 7, 12):
+            for n, p in ref.named_parameters():
+                p.copy_(start[n] + sum(C[i, j] * dirs[j].vector[n] for j in range(k)))
+            want = nn.functional.cross_entropy(ref(data[0]), data[1])
+            torch.testing.assert_close(fast.loss[i], want, rtol=1e-12, atol=1e-13)
+    # and through the public slices (which take the precomputation automatically)
+    if k == 1:
+        s = slice_1d(problem, dirs[0], steps=C[:, 0].cpu(), taylor=False)
+    else:
+        s = slice_2d(problem, dirs[0], dirs[1], coords=(C[:3, 0].cpu(), C[:4, 1].cpu()))
+        a, b = np.meshgrid(C[:3, 0].cpu().numpy(), C[:4, 1].cpu().numpy(), indexing="ij")
+        C = torch.as_tensor(np.stack([a.ravel(), b.ravel()], 1), device=device)
+        slow = _both_paths(problem, dirs, C)[1]
+    np.testing.assert_allclose(s.loss.ravel(), slow.loss.cpu().numpy(), rtol=1e-12, atol=1e-13)
+
+
+def test_first_layer_precomputation_loop_loader_and_selection(device):
+    """The point-by-point loop, a multi-batch loader (sum reduction), a selection without the
+    first layer (its direction is zero) and one with its weight only."""
+    model, (X, y) = _affine_model("mlp", True, device)
+    loader = [(X[:10], y[:10]), (X[10:], y[10:])]
+    C = torch.randn(6, 2, generator=torch.Generator().manual_seed(6), dtype=DT).to(device)
+    for params in (None, ["1.*", "3.*"], ["0.0.weight", "3.weight"]):
+        problem = CurvatureProblem(
+            model, nn.CrossEntropyLoss(reduction="sum"), loader, reduction="sum", params=params
+        )
+        dirs = [random_direction(problem, seed=s) for s in (1, 2)]
+        for vectorize in (True, False):
+            fast, slow = _both_paths(problem, dirs, C, vectorize=vectorize, chunk_size=4)
+            assert fast.first_layer_precomputed, params
+            assert fast.vectorized is vectorize
+            torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-12, atol=1e-12)
+    assert all(p.grad is None for p in model.parameters())
+
+
+class _Residual(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + x[:, :3]
+
+
+class _Tied(nn.Module):
+    """A Sequential-like chain that is not an nn.Sequential."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Linear(5, 4), nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def _fallback_cases():
+    def hooked() -> nn.Module:
+        m = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+        m[0].register_forward_hook(lambda mod, inp, out: out * 2)
+        return m
+
+    def tied() -> nn.Module:
+        m = nn.Sequential(nn.Linear(5, 5), nn.Tanh(), nn.Linear(5, 5), nn.Linear(5, 3))
+        m[2].weight = m[0].weight
+        return m
+
+    bn = lambda: nn.Sequential(  # noqa: E731
+        nn.Linear(5, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 3)
+    )
+    return {
+        "not sequential": (_Tied, {}, {}),
+        "residual first child": (lambda: nn.Sequential(_Residual(), nn.Tanh()), {}, {}),
+        "non-affine first": (lambda: nn.Sequential(nn.Tanh(), nn.Linear(5, 3)), {}, {}),
+        "hook": (hooked, {}, {}),
+        "tied weights": (tied, {}, {}),
+        "batchnorm batch": (bn, {"batchnorm": "batch"}, {}),
+        "recalibrate": (bn, {}, {"recalibrate_bn": True}),
+        "dropout on": (
+            lambda: nn.Sequential(nn.Linear(5, 4), nn.Dropout(0.3), nn.Linear(4, 3)),
+            {"dropout": "on"},
+            {},
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_fallback_cases()))
+def test_first_layer_precomputation_falls_back(case):
+    build, problem_kw, eval_kw = _fallback_cases()[case]
+    torch.manual_seed(0)
+    model = build().to(DT).train("dropout" in case)
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(16, 5, generator=g, dtype=DT), torch.randint(0, 3, (16,), generator=g)
+    problem = CurvatureProblem(model, nn.CrossEntropyLoss(), (X, y), **problem_kw)
+    dirs = [random_direction(problem, seed=s) for s in (1, 2)]
+    C = torch.randn(5, 2, generator=g, dtype=DT)
+    fast, slow = _both_paths(problem, dirs, C, **eval_kw)
+    assert not fast.first_layer_precomputed
+    torch.testing.assert_close(fast.loss, slow.loss, rtol=0, atol=0)
+    if case == "tied weights":  # the generic path keeps the tie: check against a model copy
+        ref = copy.deepcopy(model)
+        with torch.no_grad():
+            for n, p in ref.named_parameters():
+                p.add_(C[0, 0] * dirs[0].vector[n] + C[0, 1] * dirs[1].vector[n])
+            torch.testing.assert_close(fast.loss[0], nn.functional.cross_entropy(ref(X), y))
+
+
+def test_first_layer_precomputation_tuple_inputs_fall_back():
+    """Inputs given as a tuple (``model(*inputs)``) take the generic path, same values."""
+    model, (X, y) = _affine_model("mlp", True, torch.device("cpu"))
+    problem = CurvatureProblem(model, nn.CrossEntropyLoss(), [((X,), y)])
+    d = random_direction(problem, seed=1)
+    C = torch.linspace(-1, 1, 5, dtype=DT)[:, None]
+    fast, slow = _both_paths(problem, [d], C)
+    assert not fast.first_layer_precomputed
+    torch.testing.assert_close(fast.loss, slow.loss, rtol=0, atol=0)
+    tensor_problem = CurvatureProblem(model, nn.CrossEntropyLoss(), (X, y))
+    on_tensor = _both_paths(tensor_problem, [d], C)[0]
+    assert on_tensor.first_layer_precomputed
+    torch.testing.assert_close(on_tensor.loss, fast.loss, rtol=1e-12, atol=1e-13)
+
+
+def test_first_layer_precomputation_overflowing_direction_falls_back():
+    """``L(x; D)`` overflows: ``0 · inf`` would make the centre NaN, so the generic path runs."""
+    model, data = _mlp(torch.device("cpu"))
+    problem = CurvatureProblem(model, nn.CrossEntropyLoss(), data)
+    d = user_direction(problem, {n: torch.full_like(p, 1e308) for n, p in problem.params.items()})
+    fast, slow = _both_paths(problem, [d], torch.tensor([[0.0], [1.0]], dtype=DT))
+    assert not fast.first_layer_precomputed
+    assert torch.isfinite(fast.loss[0]) and not torch.isfinite(fast.loss[1])
+    torch.testing.assert_close(fast.loss, slow.loss, rtol=0, atol=0, equal_nan=True)

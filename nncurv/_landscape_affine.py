@@ -1,0 +1,183 @@
+r"""First-layer affine precomputation for grid evaluation along a slice.
+
+Along :math:`\theta + \sum_j c_j d_j` the output of the first layer of a network, when that
+layer is affine in its parameters and applied to the raw input (``nn.Linear``, ``nn.Conv1d``,
+``nn.Conv2d``), is affine in the coefficients:
+
+.. math::
+
+    z(c) = L(x;\, W_0, b_0) + \sum_j c_j\, L(x;\, D_j W, D_j b).
+
+The ``k + 1`` layer outputs are computed once per batch; each point then evaluates only the
+rest of the network on :math:`z(c)`. This is exact (up to float rounding) and applies only
+where it is safe and detectable: an ``nn.Sequential`` (possibly nested as first children)
+whose first leaf is one of those layers, called on a tensor with the default batch format,
+without hooks or tied parameters, with BatchNorm policy ``"eval"``, dropout ``"off"`` and no
+BatchNorm recalibration. Everything else takes the generic path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.modules import module as _module_mod
+
+from nncurv.batches import BatchFormat
+from nncurv.problem import Batch, CurvatureProblem
+
+__all__ = ["AffinePlan", "affine_plan"]
+
+_AFFINE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(
+        m._forward_hooks
+        or m._forward_pre_hooks
+        or getattr(m, "_forward_hooks_with_kwargs", None)
+        or getattr(m, "_forward_hooks_always_called", None)
+    )
+
+
+def _global_hooks() -> bool:
+    return bool(
+        getattr(_module_mod, "_global_forward_hooks", None)
+        or getattr(_module_mod, "_global_forward_pre_hooks", None)
+    )
+
+
+@dataclass
+class AffinePlan:
+    """Where the first affine layer sits and how to run the rest of the network.
+
+    Attributes:
+        layer: The first layer (``nn.Linear``/``nn.Conv1d``/``nn.Conv2d``).
+        weight: Full name of its weight.
+        bias: Full name of its bias (``None`` without bias).
+        rest: ``(prefix, module)`` of the remaining modules in execution order; each is called
+            with the entries of the state dict under its prefix.
+    """
+
+    layer: nn.Module
+    weight: str
+    bias: str | None
+    rest: list[tuple[str, nn.Module]]
+
+    def apply_layer(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        """The first layer at the given weight and bias (no module state involved)."""
+        if isinstance(self.layer, nn.Linear):
+            return nn.functional.linear(x, weight, bias)
+        return self.layer._conv_forward(x, weight, bias)  # type: ignore[operator]
+
+    def base_outputs(
+        self,
+        problem: CurvatureProblem,
+        center: Mapping[str, Tensor],
+        dirs: Sequence[Mapping[str, Tensor]],
+        batch: Batch,
+    ) -> tuple[Tensor, list[Tensor | None]]:
+        """``L(x; W_0, b_0)`` and ``L(x; D_j W, D_j b)`` (``None`` where ``D_j`` is zero there)."""
+        x = batch.inputs
+        fixed = problem._fixed  # the state problem.output uses for unselected entries
+
+        def value(name: str | None, src: Mapping[str, Tensor]) -> Tensor | None:
+            if name is None:
+                return None
+            return src[name] if name in src else fixed.get(name)
+
+        z0 = self.apply_layer(x, value(self.weight, center), value(self.bias, center))  # type: ignore[arg-type]
+        zs: list[Tensor | None] = []
+        for d in dirs:
+            dw = d.get(self.weight)
+            db = d.get(self.bias) if self.bias is not None else None
+            if dw is None and db is None:
+                zs.append(None)
+                continue
+            if dw is None:
+                dw = torch.zeros_like(value(self.weight, center))  # type: ignore[arg-type]
+            zs.append(self.apply_layer(x, dw, db))
+        return z0, zs
+
+    def first_outputs(
+        self,
+        problem: CurvatureProblem,
+        center: Mapping[str, Tensor],
+        dirs: Sequence[Mapping[str, Tensor]],
+        batch: Batch,
+    ) -> Callable[[Tensor], Tensor] | None:
+        """A map from a ``(P, k)`` chunk of coefficients to the first layer's ``(P, ...)`` outputs.
+
+        One ``addmm`` per chunk, ``z0 + C @ [z_1; …; z_k]`` (a single pass writing the outputs):
+        cheaper than ``k`` scaled additions under ``vmap``. ``None`` when an output is not
+        finite (e.g. a direction so large that ``L(x; D)`` overflows, where ``0 · inf`` would
+        turn the centre into NaN): the caller then takes the generic path for this batch.
+        """
+        z0, zs = self.base_outputs(problem, center, dirs, batch)
+        idx = [j for j, z in enumerate(zs) if z is not None]
+        flat0 = z0.reshape(1, -1)
+        Z = torch.stack([zs[j].reshape(-1) for j in idx] + [flat0[0]])  # type: ignore[union-attr]
+        if not bool(torch.isfinite(Z).all()):  # one check per batch
+            return None
+        if not idx:
+            return lambda C: z0.expand(C.shape[0], *z0.shape)
+        Z = Z[:-1]
+        cols = torch.tensor(idx, device=z0.device)
+
+        def f(C: Tensor) -> Tensor:
+            coef = C.index_select(1, cols).to(Z.dtype)
+            return torch.addmm(flat0, coef, Z).reshape(C.shape[0], *z0.shape)
+
+        return f
+
+    def rest_output(
+        self, problem: CurvatureProblem, state: Mapping[str, Tensor], z: Tensor
+    ) -> Tensor:
+        """The rest of the network on the first layer's output ``z`` at ``state``."""
+        h = z
+        for prefix, m in self.rest:
+            n = len(prefix)
+            sub = {k[n:]: v for k, v in state.items() if k.startswith(prefix)}
+            h = functional_call(m, sub, (h,))
+        return problem.batch_format.output(h)
+
+
+def affine_plan(problem: CurvatureProblem) -> AffinePlan | None:
+    """The first-layer plan for ``problem``, or ``None`` when the model does not qualify.
+
+    Batch-level conditions (the inputs must be a single tensor) are checked by the caller.
+    """
+    model = problem.model
+    if problem.batchnorm != "eval" or problem.dropout != "off":
+        return None
+    if type(problem.batch_format) is not BatchFormat or _global_hooks():
+        return None
+    # tied parameters or buffers make the per-submodule state ambiguous
+    if len(list(model.named_parameters(remove_duplicate=False))) != len(
+        list(model.named_parameters())
+    ) or len(list(model.named_buffers(remove_duplicate=False))) != len(list(model.named_buffers())):
+        return None
+    chain: list[tuple[str, nn.Sequential]] = []
+    m: nn.Module = model
+    prefix = ""
+    while type(m) is nn.Sequential:
+        children = list(m._modules.items())
+        if not children or any(c is None for _, c in children) or _has_hooks(m):
+            return None
+        chain.append((prefix, m))
+        name, first = children[0]
+        prefix = f"{prefix}{name}."
+        m = first  # type: ignore[assignment]
+    if type(m) not in _AFFINE_TYPES or _has_hooks(m):
+        return None
+    if any(True for _ in m.children()) or set(dict(m.named_parameters())) - {"weight", "bias"}:
+        return None
+    rest: list[tuple[str, nn.Module]] = []
+    for pre, seq in reversed(chain):
+        for name, child in list(seq._modules.items())[1:]:
+            rest.append((f"{pre}{name}.", child))  # type: ignore[arg-type]
+    bias = f"{prefix}bias" if m.bias is not None else None  # type: ignore[union-attr]
+    return AffinePlan(layer=m, weight=f"{prefix}weight", bias=bias, rest=rest)
