@@ -2,7 +2,9 @@
 
 1. Training-step time (forward, backward, Adam step) of a contractive auto-encoder relative to the
    plain one: closed form, one-probe Hutchinson and exact penalties, for 64-dimensional inputs
-   (scikit-learn digits) and 784-dimensional ones (the digits upsampled to 28x28).
+   (scikit-learn digits) and 784-dimensional ones (the digits upsampled to 28x28). Rows marked
+   "(encode)" take the hidden units and the penalty from one ``ContractiveLoss.encode`` call;
+   "reusing h" passes the training step's hidden units to the closed form.
 2. The exact per-sample encoder Jacobian (``nncurv.jacobians.layer_jacobian``) against the loops
    that snippets use: one ``autograd.grad`` call per sample and output unit, and one call per
    output unit with the batch-sum trick.

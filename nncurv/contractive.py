@@ -98,7 +98,7 @@ class _SigmoidPenaltySum(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, h: Tensor, weight: Tensor, scale: float) -> Tensor:  # noqa: D102
-        s = h - h * h
+        s = torch.addcmul(h, h, h, value=-1)
         col = (s * s).sum(0)
         r = (weight * weight).sum(1)
         ctx.save_for_backward(h, weight, s, col, r)
@@ -430,6 +430,13 @@ class ContractiveLoss(nn.Module):
             ``"auto"``: ``"batch"`` once a one-off check on the first batch (of at least two
             samples) shows that the encoder treats samples independently, else ``"vmap"``
             with a warning.
+
+    Once the first call has checked an encoder, later calls take fast paths with the same
+    results: the closed form as one fused autograd function (exact gradients and higher
+    derivatives); one-probe Hutchinson through plain autograd on the encoder (for encoders of
+    standard layers without BatchNorm, dropout, recurrent or attention layers), drawing the same
+    probes as the general path. :meth:`encode` returns the hidden units with the penalty, so
+    that a training step needs no separate encoder forward.
 
     Example:
         >>> import torch
