@@ -1,19 +1,20 @@
 """Trace and diagonal estimators on network Hessians, measured against exact values.
 
-Small variants of the benchmark MLP (1.8k parameters) and CNN (512, 8×8 inputs) after a few
-SGD steps, so that the exact trace and diagonal (one HVP per parameter) are affordable. At a
-budget of 100 HVPs, each estimator is repeated over 20 seeds and its relative error is reported:
-``|t - tr H| / |tr H|`` (RMS over seeds) and ``||d - diag H|| / ||diag H||`` (mean over seeds),
-with its ratio to Hutchinson's and side by side with the reported standard errors. The default
-``"auto"`` (``trace``/``diagonal`` without ``method``) computes XTrace/XDiag and the Hutchinson
-estimate from XTrace's own probes, and keeps the one with the smaller estimated standard error
-(its most frequent choice is shown in brackets). Baselines written the way the peers do it:
-plain Rademacher Hutchinson (PyHessian's ``trace`` with a fixed number of samples), Hutch++
-(hessian-eigenthings' default) and XDiag as curvlinops implements it (``xdiag_curvlinops``
-below; nncurv's ``xdiag`` computes the cross term exactly). Also: exact / Monte-Carlo GGN
-diagonals; trace and diagonal estimators on the GGN of the full-size MLP and CNN, whose exact
-diagonal (and trace) ``ggn_diagonal`` computes with C VJPs per sample; and the peak memory of
-100 Hutchinson probes on the full-size CNN (21.6k parameters, batch 256), chunked.
+Small variants of the benchmark MLP (1.8k parameters) and CNN (512, 8×8 inputs) after a few SGD
+steps, so that the exact trace and diagonal (one HVP per parameter) are affordable. At a budget
+of 100 HVPs, each estimator is repeated over 20 seeds and its relative error is reported: ``|t -
+tr H| / |tr H|`` (RMS over seeds) and ``||d - diag H|| / ||diag H||`` (mean over seeds), with
+its ratio to Hutchinson's and side by side with the reported standard errors. The default
+``"auto"`` (``trace``/``diagonal`` without ``method``) spends half the budget on XTrace's
+sketch, predicts from it the variances of XTrace/XDiag and of Hutchinson with the whole budget,
+and finishes the better one (its most frequent choice is shown in brackets). Baselines written
+the way the peers do it: plain Rademacher Hutchinson (PyHessian's ``trace`` with a fixed number
+of samples), Hutch++ (hessian-eigenthings' default) and XDiag as curvlinops implements it
+(``xdiag_curvlinops`` below; nncurv's ``xdiag`` computes the cross term exactly). Also: exact /
+Monte-Carlo GGN diagonals; trace and diagonal estimators on the GGN of the full-size MLP and
+CNN, whose exact diagonal (and trace) ``ggn_diagonal`` computes with C VJPs per sample; and the
+peak memory of 100 Hutchinson probes on the full-size CNN (21.6k parameters, batch 256),
+chunked.
 
 Targets (issue 3): trace at 100 products, default/Hutchinson <= 1/3 on the CNN (outliers) and
 <= 1.5 on the MLP (flat spectrum); the last lines summarise the ratios.

@@ -206,7 +206,7 @@ def _auto_matrix(kind: str) -> torch.Tensor:
     lam = {
         "flat": bulk,
         "outliers": torch.where(i <= 3, 100.0 / i, bulk),
-        "borderline": 1.0 + 4.0 / i,
+        "borderline": 1.0 + 28.0 / i,
     }[kind]
     return _rotated(lam, seed=12)
 
@@ -226,32 +226,31 @@ def test_auto_picks_hutchinson_on_flat_and_xtrace_on_outlier_spectra() -> None:
             if d.method == "auto:xdiag":
                 assert torch.equal(d.estimate, xdiag(op, M_AUTO, seed=s).estimate)
     flat, out = picks["flat"], picks["outliers"]
-    assert flat.count("auto:hutchinson") >= 36, flat  # at least 90 % of 40 choices
+    assert flat.count("auto:hutchinson") == 40, flat
     assert out.count("auto:xtrace") == 20 and out.count("auto:xdiag") == 20, out
 
 
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
-def test_auto_hutchinson_candidate_reads_xtrace_probes(distribution: str) -> None:
-    # recompute w^T A w from the probes XTrace draws (same generator, first s columns)
+def test_auto_hutchinson_reuses_the_sketch_probes(distribution: str) -> None:
+    # Hutchinson over the s sketch probes plus m - s fresh ones from the same generator
     from nncurv.linalg._checks import random_probes
 
     A = _auto_matrix("flat")
     op = MatrixOperator(A)
     s = M_AUTO // 2
-    for seed in range(40):
-        r = trace(op, M_AUTO, seed=seed, distribution=distribution)
-        if r.method != "auto:hutchinson":
-            continue
-        W = random_probes(op, s, distribution, op.new_generator(seed))
-        h = (W * (A @ W)).sum(0)
-        assert abs(r.estimate - float(h.mean())) < 1e-10 * abs(float(h.mean()))
-        assert abs(r.standard_error - float(h.std()) / math.sqrt(s)) < 1e-10
-        break
-    else:
-        pytest.fail("auto never chose Hutchinson on the flat matrix")
-    d = diagonal(op, M_AUTO, seed=0)
-    assert d.method == "auto:hutchinson"
-    W = random_probes(op, s, "rademacher", op.new_generator(0))
+    r = trace(op, M_AUTO, seed=3, distribution=distribution)
+    assert r.method == "auto:hutchinson" and r.num_matvecs == M_AUTO
+    gen = op.new_generator(3)
+    W1 = random_probes(op, s, distribution, gen)
+    W = torch.cat([W1, random_probes(op, M_AUTO - s, distribution, gen)], dim=1)
+    h = (W * (A @ W)).sum(0)
+    assert abs(r.estimate - float(h.mean())) < 1e-10 * abs(float(h.mean()))
+    assert abs(r.standard_error - float(h.std()) / math.sqrt(M_AUTO)) < 1e-10
+    d = diagonal(op, M_AUTO, seed=3)
+    assert d.method == "auto:hutchinson" and d.num_matvecs == M_AUTO
+    gen = op.new_generator(3)
+    W1 = random_probes(op, s, "rademacher", gen)
+    W = torch.cat([W1, random_probes(op, M_AUTO - s, "rademacher", gen)], dim=1)
     assert_close(d.estimate, (W * (A @ W)).mean(1), rtol=1e-12, what="auto:hutchinson diagonal")
 
 
@@ -266,10 +265,11 @@ def test_auto_trace_nearly_unbiased_with_honest_standard_errors(kind: str) -> No
     if kind == "borderline":  # the case that exercises the selection effect
         assert methods == {"auto:xtrace", "auto:hutchinson"}, methods
     # the mean converges to the truth: within 4 Monte-Carlo errors plus the selection bias,
-    # documented as a fraction of a standard error (measured 0.14 SE on the borderline case)
+    # documented as a fraction of a standard error (measured with 4000 seeds on the borderline
+    # matrix: -0.27 SE; zero where the choice is clear)
     mc_se = float(est.std()) / math.sqrt(reps)
     bias = abs(float(est.mean()) - truth)
-    assert bias <= 4 * mc_se + 0.2 * float(se.mean()), (bias, mc_se, float(se.mean()))
+    assert bias <= 4 * mc_se + 0.35 * float(est.std()), (bias, mc_se, float(est.std()))
     z = (est - truth).abs() / se
     assert float((z <= 3).double().mean()) >= 0.88, float((z <= 3).double().mean())
     ratio = float(est.std()) / float(se.mean())
@@ -287,7 +287,7 @@ def test_auto_diagonal_nearly_unbiased_with_honest_standard_errors(kind: str) ->
         assert {r.method for r in res} == {"auto:xdiag", "auto:hutchinson"}
     mc_se = est.std(0) / math.sqrt(reps)
     bias = (est.mean(0) - A.diagonal()).abs()
-    excess = (bias - 4.5 * mc_se - 0.3 * se.mean(0)).max()
+    excess = (bias - 4.5 * mc_se - 0.3 * est.std(0)).max()  # measured: at most 0.17 SE
     assert float(excess) <= 0, float(excess)
     cover = ((est - A.diagonal()).abs() <= 3 * se).double().mean()
     assert float(cover) >= 0.88, float(cover)
@@ -301,10 +301,12 @@ def test_auto_spends_no_extra_products(budget: int) -> None:
         A = _auto_matrix(kind)
         op = MatrixOperator(A)
         t = trace(op, budget, seed=1)
-        assert t.num_matvecs == op.num_matvecs == 30  # an odd budget uses budget - 1
+        # Hutchinson spends the whole budget, XTrace/XDiag 2 * (budget // 2)
+        spent = budget if kind == "flat" else 30
+        assert t.num_matvecs == op.num_matvecs == spent, (kind, t.method, op.num_matvecs)
         op2 = MatrixOperator(A)
         d = diagonal(op2, budget, seed=1)
-        assert d.num_matvecs == op2.num_matvecs == 30
+        assert d.num_matvecs == op2.num_matvecs == spent, (kind, d.method, op2.num_matvecs)
 
 
 # --------------------------------------------------------------------------- bad input

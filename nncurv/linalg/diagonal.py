@@ -6,13 +6,12 @@ r"""Diagonal estimation: exact (``n`` products), Hutchinson and XDiag, with per-
 * XDiag (Epperly, Tropp & Webber 2024): the exchangeable version of Diag++
   (Baston & Nakatsukasa 2022): removes the dominant range found from half of the budget and
   runs Hutchinson on the rest, every probe serving both purposes.
-* ``"auto"`` (the default of :func:`diagonal`): XDiag and the Hutchinson estimate read off
-  XDiag's own probes and products, whichever has the smaller summed estimated variance.
+* ``"auto"`` (the default of :func:`diagonal`): XDiag's sketch first, then XDiag or Hutchinson
+  with the whole budget, whichever the sketch predicts to have the smaller summed variance.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Literal
 
@@ -27,7 +26,15 @@ from nncurv.linalg._checks import (
     random_probes,
 )
 from nncurv.linalg._results import DiagonalResult, _unflatten_or_none
-from nncurv.linalg.trace import _deflate, _loo_vectors, _numerical_rank, _wide
+from nncurv.linalg.trace import (
+    _check_budget,
+    _deflate,
+    _loo_range_residual,
+    _loo_vectors,
+    _numerical_rank,
+    _sketch,
+    _wide,
+)
 from nncurv.operators.base import LinearOperator
 
 __all__ = ["DiagonalMethod", "diagonal", "exact_diagonal", "hutchinson_diagonal", "xdiag"]
@@ -206,43 +213,27 @@ def xdiag(
         True
     """
     t0 = time.perf_counter()
-    x, _ = _xdiag_and_hutchinson(op, num_matvecs, generator, seed, t0)
-    return x
-
-
-def _xdiag_and_hutchinson(
-    op: LinearOperator,
-    num_matvecs: int,
-    generator: torch.Generator | None,
-    seed: int,
-    t0: float,
-) -> tuple[DiagonalResult, DiagonalResult | None]:
-    """XDiag and the Hutchinson diagonal from its own probes (``None`` on the exact path)."""
-    check_operator(op, symmetric=True)
-    if isinstance(num_matvecs, int) and not isinstance(num_matvecs, bool) and num_matvecs < 2:
-        raise ValueError(f"XDiag needs at least 2 products, got num_matvecs={num_matvecs!r}")
-    check_int(num_matvecs, "num_matvecs", minimum=2)
-    n = op.shape[0]
-    if num_matvecs >= n:
+    _check_budget(op, num_matvecs, "XDiag", symmetric=True)
+    if num_matvecs >= op.shape[0]:
         r = exact_diagonal(op)
-        return _finish(op, r.estimate, r.standard_error, r.num_matvecs, t0, "exact"), None
+        return _finish(op, r.estimate, r.standard_error, r.num_matvecs, t0, "exact")
     gen = make_generator(op, generator, seed)
-    s = num_matvecs // 2
-    Om = random_probes(op, s, "rademacher", gen)
-    Y = op.matmat(Om)
-    check_finite(Y.norm(), "the XDiag sketch")
+    Om, Y = _sketch(op, num_matvecs // 2, "rademacher", gen, "the XDiag sketch")
+    return _xdiag_finish(op, Om, Y, t0, "xdiag")
+
+
+def _xdiag_finish(
+    op: LinearOperator, Om: Tensor, Y: Tensor, t0: float, method: str
+) -> DiagonalResult:
+    """XDiag from the sketch ``Y = A Om``: ``s`` more products (``AQ``)."""
+    n, s = Om.shape
     Om, Y = _wide(Om), _wide(Y)  # the leave-one-out algebra needs float64 (R is ill-conditioned)
-    h = Om * Y  # Hutchinson samples w_i * A w_i from the same probes (Rademacher, E[ww^T] = I)
-
-    def hutch(nmv: int) -> DiagonalResult:
-        return _finish(op, h.mean(1).to(op.dtype), _sem(h).to(op.dtype), nmv, t0, "hutchinson")
-
     Q, R = torch.linalg.qr(Y)
     rank = _numerical_rank(R, n)
     if rank < s:  # range(A) found: A = U U^T A exactly
         U = torch.linalg.svd(Y, full_matrices=False).U[:, :rank]
         est = (U * _wide(op.matmat(U.to(op.dtype)))).sum(1).to(op.dtype)
-        return _finish(op, est, torch.zeros_like(est), s + rank, t0, "xdiag"), hutch(s + rank)
+        return _finish(op, est, torch.zeros_like(est), s + rank, t0, method)
     Z = _wide(op.matmat(Q.to(op.dtype)))
     S = _loo_vectors(R)
     H = Q.T @ Z
@@ -255,23 +246,36 @@ def _xdiag_and_hutchinson(
     A_P = Y - Z @ _deflate(Q.T @ Om, S)  # A (I - P_i) w_i
     samples = samples + Om * (A_P - Q @ _deflate(Q.T @ A_P, S))
     est, se = samples.mean(1).to(op.dtype), _sem(samples).to(op.dtype)
-    return _finish(op, est, se, 2 * s, t0, "xdiag"), hutch(2 * s)
+    return _finish(op, est, se, 2 * s, t0, method)
 
 
 def _auto_diagonal(
-    op: LinearOperator, num_matvecs: int, generator: torch.Generator | None, seed: int
+    op: LinearOperator,
+    num_matvecs: int,
+    generator: torch.Generator | None,
+    seed: int,
+    chunk_size: int = 32,
 ) -> DiagonalResult:
-    """XDiag or Hutchinson from XDiag's own products, by the smaller summed variance."""
+    """Half the budget as a sketch, then XDiag or Hutchinson, whichever is predicted better."""
     t0 = time.perf_counter()
-    x, h = _xdiag_and_hutchinson(op, num_matvecs, generator, seed, t0)
-    if h is None:  # exact diagonal (budget >= n)
-        return x
-    vx = (x.standard_error.double() ** 2).sum()
-    vh = (h.standard_error.double() ** 2).sum()
-    best = x if bool(vx <= vh) else h  # one host sync per call
-    return dataclasses.replace(
-        best, method=f"auto:{best.method}", wall_time=time.perf_counter() - t0
-    )
+    _check_budget(op, num_matvecs, "the auto diagonal estimate", symmetric=True)
+    if num_matvecs >= op.shape[0]:
+        r = exact_diagonal(op)
+        return _finish(op, r.estimate, r.standard_error, r.num_matvecs, t0, "exact")
+    gen = make_generator(op, generator, seed)
+    s = num_matvecs // 2
+    Om, Y = _sketch(op, s, "rademacher", gen, "the XDiag sketch")
+    X = Om * Y  # Hutchinson samples w_i * A w_i (Rademacher, E[w w^T] = I)
+    var_hutchinson = float(_wide(X).var(dim=1).sum()) / num_matvecs
+    var_xdiag = _loo_range_residual(Y) / s
+    if var_xdiag < var_hutchinson:
+        return _xdiag_finish(op, Om, Y, t0, "auto:xdiag")
+    parts = [X]
+    for start in range(s, num_matvecs, chunk_size):
+        V = random_probes(op, min(chunk_size, num_matvecs - start), "rademacher", gen)
+        parts.append(V * op.matmat(V))
+    samples = torch.cat(parts, dim=1)
+    return _finish(op, samples.mean(1), _sem(samples), num_matvecs, t0, "auto:hutchinson")
 
 
 def diagonal(
@@ -284,25 +288,32 @@ def diagonal(
 ) -> DiagonalResult:
     r"""Estimate :math:`\operatorname{diag}(A)` with at most ``num_matvecs`` products.
 
-    ``method="auto"`` (default, symmetric operators) runs :func:`xdiag` and reads a second,
-    Hutchinson estimate off the same products: XDiag's :math:`s = \lfloor m/2\rfloor`
-    Rademacher probes :math:`\omega_i` (:math:`E[\omega\omega^\top] = I`) and their products
-    give :math:`\hat d_H = \frac1s\sum_i \omega_i \odot A\omega_i` with per-entry standard
-    errors :math:`\widehat{\mathrm{SE}}_{H,j}` from the sample standard deviation, at no extra
-    product. It returns the estimate whose summed estimated variance
-    :math:`\sum_j \widehat{\mathrm{SE}}_j^2` (the expected squared error of the whole vector)
-    is smaller, with ``method`` set to ``"auto:xdiag"`` or ``"auto:hutchinson"`` (``"exact"``
-    when ``num_matvecs >= n``). Spectra with outliers pick XDiag; flat spectra pick Hutchinson,
-    whose error is then about :math:`\sqrt2` times that of :func:`hutchinson_diagonal` with all
-    ``num_matvecs`` probes (it has half of them).
+    ``method="auto"`` (default, symmetric operators) decides between XDiag and Hutchinson
+    halfway through the budget, as :func:`~nncurv.linalg.trace` does: it spends
+    :math:`s = \lfloor m/2\rfloor` products on XDiag's sketch :math:`Y = A\Omega` (Rademacher
+    :math:`\omega_i`, :math:`E[\omega\omega^\top] = I`) and compares, without further
+    products, the summed per-entry variances
 
-    Selection effect: both candidates are unbiased; choosing by variances estimated from the
-    same probes (the usual "pick the smaller estimated variance" heuristic) makes the choice
-    data-dependent, so the result is not exactly unbiased and its standard errors, from the
-    smaller of two noisy totals, are slightly optimistic. Both effects matter only when the two
-    totals are within their sampling noise, i.e. when the candidates are about equally good,
-    and are then a fraction of a standard error (bounded in the tests). Use
-    ``method="xdiag"`` or ``"hutchinson"`` for a strictly unbiased estimate.
+    .. math::
+        V_H = \frac1m \sum_j \widehat{\operatorname{Var}}\big((\omega_i \odot
+        A\omega_i)_j\big), \qquad
+        V_X = \frac1s \cdot \frac1s\sum_{i=1}^s \lVert (I - P_{(i)})A\omega_i\rVert^2,
+
+    that of Hutchinson with all ``m`` probes and a proxy for XDiag's (its stochastic part is a
+    Hutchinson diagonal of :math:`(I-P_{(i)})A(I-P_{(i)})`, whose summed per-entry variance is
+    at most :math:`\lVert (I-P_{(i)})A\rVert_F^2`, estimated without bias by the squared
+    leave-one-out residuals). If :math:`V_X < V_H` it completes XDiag (``method=
+    "auto:xdiag"``), otherwise it draws ``m - s`` fresh probes and returns Hutchinson over all
+    ``m`` (``method="auto:hutchinson"``); ``"exact"`` when ``num_matvecs >= n``. Spectra with
+    outliers pick XDiag, flat spectra Hutchinson with the whole budget.
+
+    Selection effect: both candidates are unbiased, but the choice depends on the first ``s``
+    probes, which both reuse, so the result is not exactly unbiased (the usual "pick the
+    smaller estimated variance" heuristic). The bias matters only where :math:`V_X \approx
+    V_H`, when the candidates are about equally good: at most 0.17 standard deviations per
+    entry (mean 0.05) over 2000 seeds on a matrix where the choice splits 60/40, none where
+    the choice is clear; the tests bound it. Use ``method="xdiag"`` or ``"hutchinson"`` for a
+    strictly unbiased estimate.
 
     ``method="xdiag"``, ``"hutchinson"`` and ``"exact"`` dispatch to :func:`xdiag`,
     :func:`hutchinson_diagonal` and :func:`exact_diagonal` (which ignores the budget and spends
@@ -310,8 +321,8 @@ def diagonal(
 
     Args:
         op: A square operator (symmetric for ``"auto"`` and ``"xdiag"``).
-        num_matvecs: Budget of products (``"auto"``/``"xdiag"``: at least 2, an odd budget
-            uses ``num_matvecs - 1``).
+        num_matvecs: Budget of products (``"auto"``/``"xdiag"``: at least 2; XDiag uses
+            ``num_matvecs - 1`` of an odd budget).
         method: ``"auto"``, ``"xdiag"``, ``"hutchinson"`` or ``"exact"``.
         generator: ``torch.Generator`` on the operator's device.
         seed: Seed when ``generator`` is ``None``.
