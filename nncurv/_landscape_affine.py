@@ -111,25 +111,23 @@ class AffinePlan:
     ) -> Callable[[Tensor], Tensor] | None:
         """A map from a ``(P, k)`` chunk of coefficients to the first layer's ``(P, ...)`` outputs.
 
-        One ``addmm`` per chunk, ``z0 + C @ [z_1; …; z_k]`` (a single pass writing the outputs):
-        cheaper than ``k`` scaled additions under ``vmap``. ``None`` when an output is not
-        finite (e.g. a direction so large that ``L(x; D)`` overflows, where ``0 · inf`` would
-        turn the centre into NaN): the caller then takes the generic path for this batch.
+        ``z0`` copied once per point, then one in-place ``addcmul_`` per direction (about three
+        times faster on CPU than an ``addmm`` of ``C @ [z_1; …; z_k]`` with ``k = 2``, and
+        several times faster than the broadcast ``z0 + c_1 z_1 + c_2 z_2``). ``None`` when an
+        output is not finite (e.g. a direction so large that ``L(x; D)`` overflows, where
+        ``0 · inf`` would turn the centre into NaN): the caller then takes the generic path.
         """
         z0, zs = self.base_outputs(problem, center, dirs, batch)
-        idx = [j for j, z in enumerate(zs) if z is not None]
-        flat0 = z0.reshape(1, -1)
-        Z = torch.stack([zs[j].reshape(-1) for j in idx] + [flat0[0]])  # type: ignore[union-attr]
-        if not bool(torch.isfinite(Z).all()):  # one check per batch
-            return None
-        if not idx:
-            return lambda C: z0.expand(C.shape[0], *z0.shape)
-        Z = Z[:-1]
-        cols = torch.tensor(idx, device=z0.device)
+        terms = [(j, z) for j, z in enumerate(zs) if z is not None]
+        if not all(bool(torch.isfinite(z).all()) for z in [z0] + [z for _, z in terms]):
+            return None  # one check per batch
+        ones = (1,) * z0.dim()
 
         def f(C: Tensor) -> Tensor:
-            coef = C.index_select(1, cols).to(Z.dtype)
-            return torch.addmm(flat0, coef, Z).reshape(C.shape[0], *z0.shape)
+            out = z0.unsqueeze(0).repeat(C.shape[0], *ones)
+            for j, zj in terms:
+                out.addcmul_(C[:, j].to(zj.dtype).view(-1, *ones), zj)
+            return out
 
         return f
 
