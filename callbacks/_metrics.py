@@ -78,8 +78,8 @@ class MetricContext:
             outside fitting).
         seed: Base seed; :meth:`generator` derives one stream per metric and step from it, the
             same on every rank.
-        hessian_mode: Mode of the :class:`~nncurv.operators.HessianOperator` (``"auto"`` probes
-            once; the callback then keeps the mode that was chosen).
+        hessian_mode: Mode of the :class:`~nncurv.operators.HessianOperator` (``"auto"``: the
+            cached mode, verified by its first product, with a fall-back when it fails).
         loss_fn: The loss (default: the problem's).
         data: The probe data the problem was built from (for metrics that build their own
             operators, e.g. the observed information).
@@ -121,8 +121,6 @@ class MetricContext:
             if block is not None and None in self._ops:
                 mode = self._ops[None].mode
             op = HessianOperator(problem, mode=mode)  # type: ignore[arg-type]
-            if block is None and self.hessian_mode == "auto":
-                self.hessian_mode = op.mode
             self._ops[block] = op
         return self._ops[block]
 

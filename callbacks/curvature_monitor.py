@@ -133,7 +133,8 @@ class CurvatureMonitor(Callback):
             ones untouched).
         dropout: ``"off"`` or ``"on"`` (masks fixed per batch and call).
         batch_format: How batches are split and the model called.
-        hessian_mode: Hessian-vector product mode; ``"auto"`` probes once, then keeps it.
+        hessian_mode: Hessian-vector product mode (``"auto"``: cached, verified by its first
+            product, with a fall-back to the functional modes).
         top_k: Number of top eigenvalues of the ``"top_eig"`` metric.
         trace_matvecs: Budget of the ``"trace"`` metric.
         jacobian_layer: Layer of the ``"jacobian"`` metric (``None``: the model output).
@@ -260,6 +261,7 @@ class CurvatureMonitor(Callback):
         self._writers: list[Any] = []
         self._layout_written: set[int] = set()
         self._warned: set[str] = set()
+        self._loss_checked = False  # the first problem checks that the loss is a scalar
         self._t0: float | None = None
         self._val_batch: Any = None
         self._last_batch: Any = None
@@ -493,10 +495,14 @@ class CurvatureMonitor(Callback):
             "cache_batches": True,
             "distributed": trainer.world_size > 1,
             "seed": self.seed + step,
+            # the loss was checked to be a scalar when the first problem was built; later
+            # problems check it at their first evaluation instead of spending a forward pass
+            "check_loss": not self._loss_checked,
         }
         with untouched(pl_module), self._precision(trainer, pl_module):
             try:
                 problem = CurvatureProblem(pl_module, self._loss, data, **kwargs)
+                self._loss_checked = True
             except Exception as err:
                 if self.on_error == "raise":
                     raise

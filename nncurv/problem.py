@@ -146,6 +146,9 @@ class CurvatureProblem:
         distributed: Reduce over all ranks of the default process group; ``None`` means "when
             ``torch.distributed`` is initialised".
         seed: Seed of the dropout masks (``dropout="on"``).
+        check_loss: Evaluate the loss on the first batch at construction to check that it is
+            a scalar before any other work (one forward pass). With ``False`` the check happens
+            at the first evaluation instead (for callers that rebuild a problem they checked).
 
     Example:
         >>> import torch
@@ -173,6 +176,7 @@ class CurvatureProblem:
         cache_batches: bool = False,
         distributed: bool | None = None,
         seed: int = 0,
+        check_loss: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -235,7 +239,8 @@ class CurvatureProblem:
         self.batch_sizes = sizes
         local = sum(sizes)
         self.num_samples = int(self.all_reduce(torch.tensor(float(local), device=self.device)))
-        self._check_loss()
+        if check_loss:
+            self._check_loss()
 
     # ------------------------------------------------------------------ data
     def _raw_batches(self) -> Iterator[tuple[Any, Any, int]]:
@@ -329,7 +334,10 @@ class CurvatureProblem:
 
         Must run inside :meth:`evaluating`.
         """
-        return self.output_loss(self.output(params, batch), batch) * batch.weight
+        value = self.output_loss(self.output(params, batch), batch)
+        if not isinstance(value, Tensor) or value.ndim != 0:
+            self._raise_not_scalar(value)
+        return value * batch.weight
 
     def _check_loss(self) -> None:
         it = self.batches()
@@ -338,13 +346,15 @@ class CurvatureProblem:
         if batch is None:
             return
         with self.evaluating(), torch.no_grad():
-            value = self.batch_loss(self.params, batch)
-        if not isinstance(value, Tensor) or value.ndim != 0:
-            shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(
-                f"loss_fn must return a scalar tensor, got shape {shape}; use a reduced loss "
-                "(reduction='mean' or 'sum' in the loss)"
-            )
+            self.batch_loss(self.params, batch)
+
+    @staticmethod
+    def _raise_not_scalar(value: object) -> None:
+        shape = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+        raise ValueError(
+            f"loss_fn must return a scalar tensor, got shape {shape}; use a reduced loss "
+            "(reduction='mean' or 'sum' in the loss)"
+        )
 
     def loss(self, params: Mapping[str, Tensor] | None = None) -> Tensor:
         """Data-set loss at ``params`` (default: the model's current parameters)."""

@@ -182,3 +182,11 @@ def test_unknown_mode_and_options():
         MatrixOperator(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="not initialized"):
         CurvatureProblem(model, loss_fn, data, distributed=True)
+
+
+def test_loss_check_deferred_to_first_evaluation():
+    model, _, data = case("mlp_tanh_mse_mean").make("cpu")
+    problem = CurvatureProblem(model, nn.MSELoss(reduction="none"), data, check_loss=False)
+    H = HessianOperator(problem)
+    with pytest.raises(ValueError, match="scalar"):
+        H @ torch.ones(H.shape[0], dtype=H.dtype)
