@@ -147,7 +147,7 @@ class ParameterOperator(LinearOperator):
         # product is the probe, and a failure falls back to the functional modes
         try:
             out = self._run(fn, init)
-        except Exception as err:  # e.g. an op without a double-backward formula
+        except RuntimeError as err:  # e.g. an op without a double-backward formula
             self._unverified = False
             self._cache.clear()
             self.mode_errors[self.cached_mode] = f"{type(err).__name__}: {err}"
@@ -224,7 +224,9 @@ class ParameterOperator(LinearOperator):
                     self._prepare(batch, m).mv(vd)
                     self._sync()
                     timings[m] = time.perf_counter() - t0
-                except Exception as err:  # a mode the model does not support
+                except (
+                    RuntimeError
+                ) as err:  # a mode the model does not support (user errors propagate)
                     self.mode_errors[m] = f"{type(err).__name__}: {err}"
         if not timings:
             raise RuntimeError(
