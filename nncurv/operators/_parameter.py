@@ -224,9 +224,7 @@ class ParameterOperator(LinearOperator):
                     self._prepare(batch, m).mv(vd)
                     self._sync()
                     timings[m] = time.perf_counter() - t0
-                except (
-                    RuntimeError
-                ) as err:  # a mode the model does not support (user errors propagate)
+                except RuntimeError as err:  # a mode the model lacks; user errors propagate
                     self.mode_errors[m] = f"{type(err).__name__}: {err}"
         if not timings:
             raise RuntimeError(
