@@ -65,7 +65,7 @@ def _picks(methods: list[str]) -> str:
     return f"  [{top} {auto.count(top)}/{len(methods)}]"
 
 
-GGN_SEEDS = 5
+GGN_SEEDS = 10
 
 
 def small_mlp() -> nn.Module:
