@@ -54,7 +54,8 @@ class TraceResult:
             ``inf`` when the budget leaves too few samples to estimate it).
         num_matvecs: Matrix-vector products spent.
         wall_time: Seconds spent.
-        method: ``"hutchinson"``, ``"hutch++"``, ``"xtrace"`` or ``"exact"``.
+        method: ``"hutchinson"``, ``"hutch++"``, ``"xtrace"``, ``"exact"``, or for the default
+            ``method="auto"`` the branch it took: ``"auto:xtrace"`` or ``"auto:hutchinson"``.
         converged: ``True`` when the estimate is finite (stochastic estimators have no
             stopping rule; read ``standard_error``).
         samples: Per-sample values whose mean is the estimate (Hutchinson samples, Hutch++
@@ -79,7 +80,8 @@ class DiagonalResult:
         standard_error: ``(n,)`` tensor of per-entry standard errors (zeros when exact).
         num_matvecs: Matrix-vector products spent (or backward passes for GGN diagonals).
         wall_time: Seconds spent.
-        method: Name of the estimator.
+        method: Name of the estimator (``"auto:xdiag"`` or ``"auto:hutchinson"`` for the
+            default ``method="auto"``).
         converged: ``True`` when every entry is finite.
         estimate_dict: The estimate as a parameter dict (same shapes as the parameters)
             when the operator or problem knows its parameters, else ``None``.
