@@ -310,7 +310,11 @@ class CurvatureMonitor(Callback):
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix)
+        # Lightning reads this for every hook call (profiler names): build it once
+        key = self.__dict__.get("_state_key")
+        if key is None:
+            key = self.__dict__["_state_key"] = self._generate_state_key(prefix=self.prefix)
+        return key
 
     # ------------------------------------------------------------------ setup
     @override
