@@ -2,6 +2,7 @@ r"""The Hessian of the data-set loss with respect to the selected parameters."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Literal
 
 import torch
@@ -23,14 +24,31 @@ HessianMode = Literal["auto", "cached", "forward-over-reverse", "reverse-over-re
 
 
 class _ForwardOverReverse(BatchProduct):
-    """``jvp(grad(f))``: no graph kept between products; one forward+backward per product."""
+    """``jvp(grad(f))``: no graph kept between products; one forward+backward per product.
+
+    Floating-point targets enter the ``jvp`` as primals with materialised zero tangents:
+    captured as constants they get immutable ``ZeroTensor`` tangents, on which the forward-mode
+    formula of ``mse_loss``'s backward fails ("ZeroTensors are immutable", pytorch#123996).
+    """
 
     def __init__(self, problem: CurvatureProblem, batch: Batch) -> None:
         self.params = problem.params
-        self.grad_fn = grad(lambda p: problem.batch_loss(p, batch))
+        y = batch.targets
+        self.targets: Tensor | None = None
+        if isinstance(y, Tensor) and y.is_floating_point():
+            self.targets = y
+
+        def loss(p: Params, t: Tensor | None = None) -> Tensor:
+            b = batch if t is None else dataclasses.replace(batch, targets=t)
+            return problem.batch_loss(p, b)
+
+        self.grad_fn = grad(loss)
 
     def mv(self, v: Params) -> Params:
-        return jvp(self.grad_fn, (self.params,), (v,))[1]
+        if self.targets is None:
+            return jvp(self.grad_fn, (self.params,), (v,))[1]
+        zero = torch.zeros_like(self.targets)
+        return jvp(self.grad_fn, (self.params, self.targets), (v, zero))[1]
 
     def mm(self, V: Params) -> Params:
         return vmap(self.mv, randomness="same")(V)
