@@ -339,12 +339,13 @@ class HessianTrace(CurvatureMetric):
 
 
 class SpectralDensityMetric(CurvatureMetric):
-    """Hessian spectral density by stochastic Lanczos quadrature.
+    r"""Hessian spectral density by stochastic Lanczos quadrature.
 
     Logged as a native TensorBoard histogram (``hessian/spectral_density``, 60 bins, counts in
     eigenvalues) and, with matplotlib installed and ``figure=True``, a log-scale figure
     (``hessian/spectral_density_plot``); also the scalar ``hessian/negative_mass`` (fraction of
-    the spectral mass below zero).
+    the spectral mass below :math:`-10^{-3}\max|\lambda|`: closer to zero SLQ cannot tell the
+    sign).
 
     Args:
         num_steps: Lanczos steps per probe.
@@ -372,7 +373,7 @@ class SpectralDensityMetric(CurvatureMetric):
             generator=ctx.generator(self.name),
         )
         out = MetricOutput(
-            scalars={"hessian/negative_mass": slq.negative_mass()},
+            scalars={"hessian/negative_mass": slq.resolved_negative_mass()},
             densities={"hessian/spectral_density": slq},
         )
         if self.figure:

@@ -138,7 +138,11 @@ def write_page(
             c["trace"],
             f"± {c['trace_standard_error']:.3g} ({c['trace_num_matvecs']} products)",
         ],
-        ["SLQ negative mass", c["density_negative_mass"], "fraction of the spectrum below 0"],
+        [
+            "SLQ negative mass",
+            c["density_negative_mass"],
+            "fraction of the spectrum below -1e-3 max|λ|",
+        ],
         [
             "SLQ support",
             f"[{c['density_lambda_min']:.4g}, {c['density_lambda_max']:.4g}]",

@@ -409,7 +409,7 @@ def build_report(
         "trace_num_matvecs": tr.num_matvecs,
         "density_lambda_min": dens.lambda_min,
         "density_lambda_max": dens.lambda_max,
-        "density_negative_mass": dens.negative_mass(),
+        "density_negative_mass": dens.resolved_negative_mass(),
         "density_num_matvecs": dens.num_matvecs,
     }
     fig = new_figure((6.0, 3.8))

@@ -152,3 +152,16 @@ def test_bad_input() -> None:
 
     with pytest.raises(NonFiniteError, match="NaN or Inf"):
         spectral_density(CallableOperator(mv, 10, dtype=D, device="cpu"))
+
+
+def test_resolved_negative_mass_ignores_the_sign_of_a_bulk_at_zero() -> None:
+    # 90 % of the spectrum is a bulk within ±1e-6 of zero, 5 % clearly negative, 5 % positive
+    n = 400
+    g = torch.Generator().manual_seed(7)
+    bulk = (torch.rand(360, generator=g, dtype=torch.float64) - 0.5) * 2e-6
+    lam = torch.cat([bulk, -torch.linspace(0.5, 1.0, 20, dtype=torch.float64),
+                     torch.linspace(1.0, 10.0, 20, dtype=torch.float64)])  # fmt: skip
+    A = _rotated(lam, seed=8)
+    slq = spectral_density(MatrixOperator(A), num_probes=16, num_steps=40)
+    assert abs(slq.resolved_negative_mass() - 20 / n) < 0.03, slq.resolved_negative_mass()
+    assert slq.resolved_negative_mass() <= slq.negative_mass() + 1e-12

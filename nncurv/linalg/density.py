@@ -130,8 +130,22 @@ class SpectralDensity:
         return self.spectral_sum(lambda x: x / (x + alpha))
 
     def negative_mass(self, threshold: float = 0.0) -> float:
-        """Fraction of the spectral mass strictly below ``threshold`` (default zero)."""
+        """Fraction of the spectral mass strictly below ``threshold`` (default zero).
+
+        With few Lanczos steps a cluster of eigenvalues around zero (the bulk of a network
+        Hessian) is represented by Ritz values whose sign is arbitrary, so the mass below exactly
+        zero is unreliable; :meth:`resolved_negative_mass` uses a threshold relative to the
+        spectrum's scale instead.
+        """
         return float(((self.nodes < threshold) * self.weights).sum(dim=1).mean())
+
+    def resolved_negative_mass(self, relative: float = 1e-3) -> float:
+        r"""Fraction of the spectral mass below :math:`-\text{relative}\cdot\max|\lambda|`.
+
+        Eigenvalues closer to zero than that are not told apart from zero.
+        """
+        scale = max(abs(self.lambda_max), abs(self.lambda_min))
+        return self.negative_mass(-relative * scale)
 
     def density(
         self,
