@@ -199,29 +199,13 @@ class CurvatureProblem:
         self.dropout: DropoutPolicy = dropout
         self.batch_format = batch_format or BatchFormat()
         self.seed = seed
-        self._selection = params
-        self.param_names = _select(self.model, params)
-        all_params = dict(self.model.named_parameters())
-        self.params: dict[str, Tensor] = {n: all_params[n].detach() for n in self.param_names}
+        self._apply_selection(
+            params, {n: b.detach().clone() for n, b in self.model.named_buffers()}
+        )
         first = self.params[self.param_names[0]]
         self.dtype = first.dtype
         self.device = first.device
-        for n, p in self.params.items():
-            if p.dtype != self.dtype or p.device != self.device:
-                raise ValueError(
-                    f"selected parameters must share dtype and device; {n!r} is "
-                    f"{p.dtype} on {p.device}, {self.param_names[0]!r} is {self.dtype} on "
-                    f"{self.device}"
-                )
-            if not p.dtype.is_floating_point:
-                raise TypeError(f"parameter {n!r} has non-floating dtype {p.dtype}")
-        self.shapes = {n: p.shape for n, p in self.params.items()}
-        self.num_params = sum(p.numel() for p in self.params.values())
-        selected = set(self.param_names)
-        self._fixed: dict[str, Tensor] = {
-            n: p.detach() for n, p in self.model.named_parameters() if n not in selected
-        }
-        self._fixed.update({n: b.detach().clone() for n, b in self.model.named_buffers()})
+        self._check_params()
         self.distributed = (
             torch.distributed.is_available() and torch.distributed.is_initialized()
             if distributed is None
@@ -415,16 +399,34 @@ class CurvatureProblem:
         """The same model, loss and data with another parameter selection (data not re-read)."""
         new = object.__new__(CurvatureProblem)
         new.__dict__.update(self.__dict__)
-        new._selection = params
-        new.param_names = _select(self.model, params)
-        all_params = dict(self.model.named_parameters())
-        new.params = {n: all_params[n].detach() for n in new.param_names}
-        new.shapes = {n: p.shape for n, p in new.params.items()}
-        new.num_params = sum(p.numel() for p in new.params.values())
-        selected = set(new.param_names)
-        new._fixed = {n: p.detach() for n, p in self.model.named_parameters() if n not in selected}
-        new._fixed.update({n: b for n, b in self._fixed.items() if n not in all_params})
+        names = set(dict(self.model.named_parameters()))
+        new._apply_selection(params, {n: b for n, b in self._fixed.items() if n not in names})
+        new._check_params()
         return new
+
+    def _apply_selection(self, params: ParamSelection, buffers: dict[str, Tensor]) -> None:
+        """Set the selected parameters (read, not copied) and the fixed state around them."""
+        self._selection = params
+        self.param_names = _select(self.model, params)
+        selected = set(self.param_names)
+        all_params = dict(self.model.named_parameters())
+        self.params: dict[str, Tensor] = {n: all_params[n].detach() for n in self.param_names}
+        self.shapes = {n: p.shape for n, p in self.params.items()}
+        self.num_params = sum(p.numel() for p in self.params.values())
+        self._fixed: dict[str, Tensor] = {
+            n: p.detach() for n, p in all_params.items() if n not in selected
+        }
+        self._fixed.update(buffers)
+
+    def _check_params(self) -> None:
+        for n, p in self.params.items():
+            if p.dtype != self.dtype or p.device != self.device:
+                raise ValueError(
+                    f"selected parameters must share dtype and device; {n!r} is "
+                    f"{p.dtype} on {p.device}, the problem's are {self.dtype} on {self.device}"
+                )
+            if not p.dtype.is_floating_point:
+                raise TypeError(f"parameter {n!r} has non-floating dtype {p.dtype}")
 
     def blocks(self) -> dict[str, list[str]]:
         """Selected parameter names grouped by the module that owns them (per-layer blocks).

@@ -29,6 +29,15 @@ def device(request: pytest.FixtureRequest) -> torch.device:
     return torch.device(request.param)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small products are dispatch-bound: one thread avoids contention on shared CI machines."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def assert_close(
     actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float = 0.0, what: str = ""
 ) -> None:
