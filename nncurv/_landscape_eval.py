@@ -95,6 +95,38 @@ def _bn_modules(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return out
 
 
+def fast_loss(problem: CurvatureProblem, batch: Batch) -> Callable[[Tensor], Tensor] | None:
+    r"""An exact, faster formula for the batch loss of ``outputs``, or ``None``.
+
+    For ``nn.CrossEntropyLoss`` without class weights or label smoothing on ``(N, C)`` logits
+    and class-index targets none of which is ignored, the loss is
+    :math:`\operatorname{mean}_i(\log\sum_c e^{o_{ic}} - o_{i y_i})` (or the sum): the same
+    value as ``F.cross_entropy`` up to float rounding, computed with ``logsumexp`` and
+    ``gather``. On CPU this is about 5x faster for few classes (``log_softmax`` over a short
+    last dimension is not vectorised there), which matters when thousands of grid points each
+    evaluate the loss without a backward pass.
+    """
+    fn, y = problem.loss_fn, batch.targets
+    if type(fn) is not nn.CrossEntropyLoss or not isinstance(y, Tensor):
+        return None
+    if fn.weight is not None or fn.label_smoothing != 0 or fn.reduction not in ("mean", "sum"):
+        return None
+    if y.ndim != 1 or y.dtype not in (torch.int64, torch.int32) or y.numel() == 0:
+        return None
+    if bool((y < 0).any()) or bool((y == fn.ignore_index).any()):
+        return None  # ignored targets: the user's loss handles them
+    index = y.long().unsqueeze(1)
+    mean = fn.reduction == "mean"
+
+    def loss(outputs: Tensor) -> Tensor:
+        if outputs.ndim != 2 or outputs.dtype not in (torch.float32, torch.float64):
+            return problem.output_loss(outputs, batch)
+        per = torch.logsumexp(outputs, dim=1) - outputs.gather(1, index).squeeze(1)
+        return per.mean() if mean else per.sum()
+
+    return loss
+
+
 def _point(
     center: Mapping[str, Tensor], dirs: Sequence[Mapping[str, Tensor]], c: Tensor
 ) -> dict[str, Tensor]:
@@ -175,9 +207,12 @@ class _Evaluator:
                 state = {**fixed, **_point(center, dirs, c)}
                 return plan.rest_output(problem, state, extra["z"])
 
+        fast = fast_loss(problem, batch)
+
         def f(c: Tensor, bn_state: dict[str, Tensor]) -> Tensor:
             out = output(c, bn_state)
-            vals = [(problem.output_loss(out, batch) * batch.weight).to(problem.dtype)]
+            value = fast(out) if fast is not None else problem.output_loss(out, batch)
+            vals = [(value * batch.weight).to(problem.dtype)]
             for m in metrics.values():
                 v = m(out) if batch.targets is None else m(out, batch.targets)
                 if not isinstance(v, Tensor):

@@ -640,3 +640,43 @@ def test_first_layer_precomputation_overflowing_direction_falls_back():
     assert not fast.first_layer_precomputed
     assert torch.isfinite(fast.loss[0]) and not torch.isfinite(fast.loss[1])
     torch.testing.assert_close(fast.loss, slow.loss, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fast_cross_entropy_equals_the_users_loss_and_falls_back(device, reduction):
+    """The landscape's logsumexp cross-entropy equals ``F.cross_entropy`` where it applies, and
+    defers to the user's loss (weights, label smoothing, ignored targets, soft targets)."""
+    from nncurv._landscape_eval import fast_loss
+    from nncurv.problem import Batch
+
+    g = torch.Generator().manual_seed(3)
+    out = (5 * torch.randn(3, 17, 6, generator=g, dtype=DT)).to(device)  # 3 points
+    y = torch.randint(0, 6, (17,), generator=g).to(device)
+    model = nn.Linear(2, 6).to(device=device, dtype=DT)
+
+    def value(loss_fn, targets):
+        problem = CurvatureProblem(
+            model, loss_fn, (torch.zeros(17, 2, dtype=DT), targets), reduction=reduction
+        )
+        batch = Batch(inputs=None, targets=targets, size=17, weight=1.0, index=0)
+        return fast_loss(problem, batch)
+
+    plain = nn.CrossEntropyLoss(reduction=reduction)
+    fast = value(plain, y)
+    assert fast is not None
+    got = torch.func.vmap(fast)(out)
+    ref = torch.stack([plain(o, y) for o in out])
+    torch.testing.assert_close(got, ref, rtol=1e-13, atol=1e-13)
+    ignored = y.clone()
+    ignored[0] = -100
+    for loss_fn, targets in [
+        (
+            nn.CrossEntropyLoss(weight=torch.ones(6, dtype=DT, device=device), reduction=reduction),
+            y,
+        ),
+        (nn.CrossEntropyLoss(label_smoothing=0.1, reduction=reduction), y),
+        (nn.CrossEntropyLoss(reduction=reduction), ignored),
+        (nn.CrossEntropyLoss(reduction=reduction), torch.softmax(out[0], 1)),
+        (nn.MSELoss(reduction=reduction), out[0]),
+    ]:
+        assert value(loss_fn, targets) is None
