@@ -80,6 +80,9 @@ class MetricContext:
             same on every rank.
         hessian_mode: Mode of the :class:`~nncurv.operators.HessianOperator` (``"auto"``: the
             cached mode, verified by its first product, with a fall-back when it fails).
+        batched_products: ``matmat`` strategy of the whole-problem Hessian operator (``None``:
+            measured by its first wide ``matmat``, see
+            :class:`~nncurv.operators.HessianOperator`).
         loss_fn: The loss (default: the problem's).
         data: The probe data the problem was built from (for metrics that build their own
             operators, e.g. the observed information).
@@ -95,6 +98,7 @@ class MetricContext:
         lr: float | None,
         seed: int,
         hessian_mode: str,
+        batched_products: bool | None = None,
         loss_fn: Callable[..., Tensor] | None = None,
         data: Any = None,
         problem_kwargs: dict[str, Any] | None = None,
@@ -104,6 +108,7 @@ class MetricContext:
         self.lr = lr
         self.seed = seed
         self.hessian_mode = hessian_mode
+        self.batched_products = batched_products
         self.loss_fn = loss_fn if loss_fn is not None else problem.loss_fn
         self.data = data
         self.problem_kwargs = dict(problem_kwargs or {})
@@ -120,9 +125,24 @@ class MetricContext:
             mode = self.hessian_mode
             if block is not None and None in self._ops:
                 mode = self._ops[None].mode
-            op = HessianOperator(problem, mode=mode)  # type: ignore[arg-type]
+            op = HessianOperator(
+                problem,
+                mode=mode,  # type: ignore[arg-type]
+                batched_products=self.batched_products if block is None else None,
+            )
             self._ops[block] = op
         return self._ops[block]
+
+    def learned(self) -> tuple[str, bool | None]:
+        """The product mode and ``matmat`` strategy the whole-problem operator settled on.
+
+        ``("auto", None)`` parts stay undecided until a product has verified them; the callback
+        passes the decisions to the next call's context so they are made once per fit.
+        """
+        op = self._ops.get(None)
+        if op is None or op.num_matvecs == 0 or op._unverified:
+            return self.hessian_mode, self.batched_products
+        return op.mode, op.batched_products
 
     def block_problems(self) -> dict[str, CurvatureProblem]:
         """One problem per parameter block (layer), see :meth:`CurvatureProblem.blocks`."""

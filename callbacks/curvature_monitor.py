@@ -244,6 +244,7 @@ class CurvatureMonitor(Callback):
         self.dropout = dropout
         self.batch_format = batch_format
         self.hessian_mode = hessian_mode
+        self._batched_products: bool | None = None
         self.validation = validation
         self.autocast = autocast
         self.prefix = prefix
@@ -518,6 +519,7 @@ class CurvatureMonitor(Callback):
                 lr=lr,
                 seed=self.seed,
                 hessian_mode=self.hessian_mode,
+                batched_products=self._batched_products,
                 loss_fn=self._loss,
                 data=data,
                 problem_kwargs=kwargs,
@@ -545,8 +547,12 @@ class CurvatureMonitor(Callback):
                 merged.histograms.update(res.histograms)
                 merged.densities.update(res.densities)
                 merged.figures.update(res.figures)
-            if self.hessian_mode == "auto" and ctx.hessian_mode != "auto":
-                self.hessian_mode = ctx.hessian_mode  # keep the mode auto chose
+            # keep what "auto" chose (the product mode, the matmat strategy) for later calls
+            mode, batched = ctx.learned()
+            if self.hessian_mode == "auto":
+                self.hessian_mode = mode
+            if self._batched_products is None:
+                self._batched_products = batched
             top = ctx.results.get("top_eig")
             if top is not None and lr is not None:
                 merged.scalars["stability/sharpness_ratio"] = top * lr / 2

@@ -292,3 +292,29 @@ def test_cached_vmapped_backward_equals_column_loop():
     batched = grad_products(prod.grads, prod.leaves, [Vd[n] for n in prod.names], batched=True)
     joined = H._join_columns(dict(zip(prod.names, batched)), 3)
     assert_close(joined, loop, rtol=1e-10, atol=1e-12, what="batched vs loop")
+
+
+@pytest.mark.parametrize("batched", [None, True, False])
+def test_cached_matmat_strategies_equal_dense(batched, device):
+    """Every ``batched_products`` setting gives the dense Hessian; ``None`` measures on the
+    first wide matmat (one column looped, the rest batched) and keeps the faster."""
+    model, loss_fn, (X, y) = case("mlp_tanh_mse_mean").make(device)
+    problem = CurvatureProblem(model, loss_fn, (X, y))
+    H = HessianOperator(problem, batched_products=batched)
+    assert H.batched_products is batched
+    ref = dense_hessian(model, loss_fn, X, y, problem)
+    V = torch.randn(H.shape[0], 6, generator=torch.Generator().manual_seed(1), dtype=H.dtype)
+    V = V.to(device)
+    assert_close(H.matmat(V), ref @ V, rtol=1e-9, atol=1e-11, what=f"batched={batched}")
+    assert H.num_matvecs == 6
+    if batched is None:
+        assert H.batched_products in (True, False)  # measured and kept
+        (prod,) = H._cache.values()
+        assert prod.batched is H.batched_products
+    assert_close(H.matmat(V[:, :2]), ref @ V[:, :2], rtol=1e-9, atol=1e-11, what="again")
+
+
+def test_batched_products_must_be_a_bool_or_none():
+    model, loss_fn, data = case("mlp_tanh_mse_mean").make("cpu")
+    with pytest.raises(TypeError, match="batched_products"):
+        HessianOperator(CurvatureProblem(model, loss_fn, data), batched_products="yes")

@@ -164,7 +164,13 @@ def krylov_schur(
         dims_left = n - m
         if dims_left > 0:
             nb = min(b, dims_left)
-            Qn, Rn = _orthonormalise_block(W, V[:, :m], generator, nb, scale)
+            nrm = W.norm() if b == 1 else None
+            if nrm is not None and float(nrm) > 1e-3 * scale:
+                # Lanczos, healthy step: W was orthogonalised twice above ("twice is enough",
+                # Giraud et al. 2005), so it only needs normalising
+                Qn, Rn = W / nrm, nrm.reshape(1, 1)
+            else:  # a block, or a (near) breakdown: the careful path
+                Qn, Rn = _orthonormalise_block(W, V[:, :m], generator, nb, scale)
             V[:, m : m + nb] = Qn
             H[m : m + nb, m_old:m] = Rn.to(work_dtype)
         else:
