@@ -23,7 +23,14 @@ import torch
 from torch import Tensor
 
 from nncurv.jacobians import jacobian_frobenius_sq
-from nncurv.linalg import diagonal, eigenvalues, exact_trace, spectral_density, trace
+from nncurv.linalg import (
+    deflated_hutchinson_trace,
+    diagonal,
+    eigenvalues,
+    exact_trace,
+    spectral_density,
+    trace,
+)
 from nncurv.linalg.density import SpectralDensity
 from nncurv.operators import HessianOperator
 from nncurv.problem import CurvatureProblem
@@ -260,6 +267,9 @@ class TopEigenvalues(CurvatureMetric):
         self.max_matvecs = max_matvecs
         self.warm_start = warm_start
         self._warm = _WarmStart()
+        # set by the monitor when a HessianTrace follows: the Krylov basis of this call is
+        # shared through ctx.results["krylov_basis"] so that the trace deflates it for free
+        self.share_basis = False
 
     def names(self, ctx: MetricContext) -> list[str]:
         return [f"hessian/top_eig_{i}" for i in range(self.k)] + ["hessian/top_eig_converged"]
@@ -275,9 +285,12 @@ class TopEigenvalues(CurvatureMetric):
             max_matvecs=self.max_matvecs,
             v0=self._warm.get("", op) if self.warm_start else None,
             return_eigenvectors=True,
+            return_basis=self.share_basis,
             generator=ctx.generator(self.name),
         )
         self._warm.set("", res.eigenvectors)
+        if res.krylov_basis is not None and res.krylov_projection is not None:
+            ctx.results["krylov_basis"] = (res.krylov_basis, res.krylov_projection.trace())
         ctx.results["top_eig"] = float(res.eigenvalues[0])
         vals = res.eigenvalues.tolist() + [math.nan] * (self.k - k)
         out = {f"hessian/top_eig_{i}": v for i, v in enumerate(vals)}
@@ -325,28 +338,48 @@ def _trace(op: HessianOperator, num_matvecs: int, method: str, gen: torch.Genera
 
 
 class HessianTrace(CurvatureMetric):
-    r"""Hessian trace with its standard error (:func:`nncurv.linalg.trace`, XTrace by default).
+    r"""Hessian trace with its standard error.
 
-    Exact (``n`` products) when the model has at most ``num_matvecs`` parameters. Logs
+    When the top eigenvalues are computed in the same call (the monitor runs ``"top_eig"``
+    first) and ``deflate`` is on, the trace is the exact trace on their Krylov
+    subspace :math:`V` (known from the Lanczos run, no product) plus Hutchinson with
+    ``num_matvecs`` probes on its orthogonal complement
+    (:func:`nncurv.linalg.deflated_hutchinson_trace`): the sharp directions that dominate the
+    variance are removed for free, and the probes run as one batched product. Otherwise
+    :func:`nncurv.linalg.trace` with ``method`` (XTrace by default) spends the budget. Exact
+    (``n`` products) when the model has at most ``num_matvecs`` parameters. Logs
     ``hessian/trace``, ``hessian/trace_stderr`` and ``hessian/trace_lower``/``_upper``
     (:math:`\pm 2` standard errors, drawn as a margin chart in TensorBoard).
 
     Args:
         num_matvecs: Budget of products per call.
-        method: ``"xtrace"``, ``"hutch++"`` or ``"hutchinson"``.
+        method: ``"xtrace"``, ``"hutch++"``, ``"hutchinson"`` or ``"auto"`` (without a
+            Krylov basis to deflate).
+        deflate: Deflate the Krylov basis of the call's top-eigenvalue run when there is one.
     """
 
     name = "trace"
 
-    def __init__(self, num_matvecs: int = 10, *, method: str = "xtrace") -> None:
+    def __init__(
+        self, num_matvecs: int = 10, *, method: str = "xtrace", deflate: bool = True
+    ) -> None:
         self.num_matvecs = num_matvecs
         self.method = method
+        self.deflate = deflate
 
     def names(self, ctx: MetricContext) -> list[str]:
         return [f"hessian/trace{s}" for s in ("", "_stderr", "_lower", "_upper")]
 
     def compute(self, ctx: MetricContext) -> MetricOutput:
-        r = _trace(ctx.hessian(), self.num_matvecs, self.method, ctx.generator(self.name))
+        op, gen = ctx.hessian(), ctx.generator(self.name)
+        krylov = ctx.results.get("krylov_basis") if self.deflate else None
+        if krylov is not None and op.shape[0] > self.num_matvecs:
+            basis, basis_trace = krylov
+            r = deflated_hutchinson_trace(
+                op, basis, self.num_matvecs, basis_trace=basis_trace, generator=gen
+            )
+        else:
+            r = _trace(op, self.num_matvecs, self.method, gen)
         se = r.standard_error
         return MetricOutput(
             scalars={

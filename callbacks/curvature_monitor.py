@@ -79,7 +79,9 @@ class CurvatureMonitor(Callback):
 
     * ``"top_eig"`` (default): the ``top_k`` largest Hessian eigenvalues, warm-started from the
       previous call's eigenvectors (``hessian/top_eig_{i}``);
-    * ``"trace"`` (default): the Hessian trace with its standard error (``hessian/trace``, ...);
+    * ``"trace"`` (default): the Hessian trace with its standard error (``hessian/trace``, ...),
+      exact on the Krylov subspace of the top-eigenvalue run and estimated on the rest (see
+      :class:`~nncurv.callbacks.HessianTrace`);
     * ``"gradient"``: :math:`g^\top H g / g^\top g`, :math:`\varepsilon^* = g^\top g /
       g^\top H g` beside the learning rate (``gradient/...``), see
       :class:`~nncurv.callbacks.GradientCurvature`;
@@ -309,6 +311,11 @@ class CurvatureMonitor(Callback):
             raise MisconfigurationException("CurvatureMonitor: metrics is empty")
         # the edge-of-stability ratio needs the top eigenvalue before the gradient metric
         built.sort(key=lambda m: 0 if isinstance(m, TopEigenvalues) and m.name == "top_eig" else 1)
+        for i, m in enumerate(built):  # a trace after the top eigenvalues deflates their basis
+            if type(m) is TopEigenvalues and any(
+                isinstance(t, HessianTrace) and t.deflate for t in built[i + 1 :]
+            ):
+                m.share_basis = True
         return built
 
     @property

@@ -468,3 +468,49 @@ def test_bf16_mixed_computes_in_float32_unless_asked(tmp_path, autocast):
         assert 1e-5 < abs(mixed - exact) / exact < 5e-2
     else:
         assert mixed == pytest.approx(exact, rel=1e-5)
+
+
+def test_trace_deflates_the_krylov_basis_of_the_top_eigenvalues():
+    """With "top_eig" first (the default), the trace is tr(VᵀHV) from the Lanczos run plus
+    Hutchinson on the complement: no product for V, the budget's probes batched."""
+    from nncurv.callbacks import HessianTrace
+    from nncurv.callbacks._metrics import MetricContext
+
+    from nncurv import CurvatureProblem
+    from nncurv.linalg import deflated_hutchinson_trace
+
+    default = CurvatureMonitor()
+    assert [type(m).__name__ for m in default.metrics] == ["TopEigenvalues", "HessianTrace"]
+    assert default.metrics[0].share_basis  # type: ignore[attr-defined]
+    assert CurvatureMonitor(metrics=["trace", "top_eig"]).metrics[0].share_basis  # type: ignore[attr-defined]
+    assert not CurvatureMonitor(metrics=["top_eig"]).metrics[0].share_basis  # type: ignore[attr-defined]
+    no = CurvatureMonitor(metrics=["top_eig", HessianTrace(deflate=False)])
+    assert not no.metrics[0].share_basis  # type: ignore[attr-defined]
+
+    X, y = regression_data(64, 15)
+    model = Regression(15)
+    problem = CurvatureProblem(model, model.loss_fn, (X, y))
+    H = closed_form_hessian(model, X)
+    ctx = MetricContext(problem, step=3, lr=0.1, seed=0, hessian_mode="cached")
+    top = TopEigenvalues(tol=1e-3)
+    top.share_basis = True
+    top.compute(ctx)
+    V, basis_trace = ctx.results["krylov_basis"]
+    assert math.isclose(float(basis_trace), float((V.T @ H @ V).trace()), rel_tol=1e-10)
+    n0 = ctx.num_matvecs
+    out = HessianTrace(6).compute(ctx)
+    assert ctx.num_matvecs - n0 == 6
+    ref = deflated_hutchinson_trace(
+        ctx.hessian(), V, 6, basis_trace=basis_trace, generator=ctx.generator("trace")
+    )
+    assert out.scalars["hessian/trace"] == pytest.approx(ref.estimate, rel=1e-12)
+    assert out.scalars["hessian/trace_stderr"] == pytest.approx(ref.standard_error, rel=1e-12)
+    # unbiased over the metric's seeds (fixed basis, fresh probes)
+    est = []
+    for seed in range(300):
+        c = MetricContext(problem, step=3, lr=0.1, seed=seed, hessian_mode="cached")
+        c.results["krylov_basis"] = (V, basis_trace)
+        est.append(HessianTrace(6).compute(c).scalars["hessian/trace"])
+    e = torch.tensor(est, dtype=torch.float64)
+    assert abs(float(e.mean()) - float(H.trace())) <= 4 * float(e.std()) / math.sqrt(len(est))
+    ctx.release()

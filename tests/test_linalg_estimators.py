@@ -10,7 +10,9 @@ import torch
 
 from nncurv.linalg import (
     NonFiniteError,
+    deflated_hutchinson_trace,
     diagonal,
+    eigenvalues,
     exact_diagonal,
     exact_trace,
     hutchinson_diagonal,
@@ -54,7 +56,22 @@ TRACE_ESTIMATORS: dict[str, Callable] = {
     ),
     "hutch++": hutchpp_trace,
     "xtrace": xtrace,
+    # the Krylov basis of a loose top-3 Lanczos run (fixed start, independent of the probes)
+    "deflated": lambda op, m, seed: _deflated(op, m, seed),
 }
+
+
+def _deflated(op: MatrixOperator, m: int, seed: int, distribution: str = "rademacher"):
+    e = eigenvalues(op, 3, tol=1e-2, return_basis=True, seed=123)
+    assert e.krylov_basis is not None and e.krylov_projection is not None
+    return deflated_hutchinson_trace(
+        op,
+        e.krylov_basis,
+        m,
+        basis_trace=e.krylov_projection.trace(),
+        seed=seed,
+        distribution=distribution,  # type: ignore[arg-type]
+    )
 
 
 def _repeat_trace(name: str, A: torch.Tensor, m: int, reps: int) -> tuple[torch.Tensor, ...]:
@@ -370,3 +387,52 @@ def test_float32_operator_with_ill_conditioned_sketch() -> None:
     d = xdiag(MatrixOperator(A), 60, seed=0)
     assert d.estimate.dtype == torch.float32
     assert float((d.estimate.double() - truth_d).norm() / truth_d.norm()) < 1e-3
+
+
+def test_krylov_basis_is_orthonormal_and_projects_the_operator() -> None:
+    A = _outliers()
+    e = eigenvalues(MatrixOperator(A), 2, tol=1e-6, return_basis=True, return_eigenvectors=True)
+    V, T = e.krylov_basis, e.krylov_projection
+    assert V is not None and T is not None and e.eigenvectors is not None
+    m = V.shape[1]
+    assert m >= 2
+    assert_close(V.T @ V, torch.eye(m, dtype=D), rtol=0, atol=1e-12, what="V^T V")
+    assert_close(T, V.T @ A @ V, rtol=0, atol=1e-10, what="V^T A V")
+    # the eigenvectors lie in the basis
+    assert_close(V @ (V.T @ e.eigenvectors), e.eigenvectors, rtol=0, atol=1e-10, what="span")
+    assert eigenvalues(MatrixOperator(A), 2, method="power").krylov_basis is None
+    assert eigenvalues(MatrixOperator(A), 2).krylov_basis is None  # only on request
+
+
+def test_deflated_hutchinson_variance_is_that_of_the_deflated_operator() -> None:
+    """Gaussian probes: Var(sample) = 2 ||PAP||_F^2, far below Hutchinson's 2 ||A||_F^2 when
+    the basis holds the outliers; without basis_trace the basis costs m products."""
+    A = _outliers()
+    op = MatrixOperator(A)
+    e = eigenvalues(op, 3, tol=1e-2, return_basis=True, seed=123)
+    V = e.krylov_basis
+    assert V is not None
+    P = torch.eye(N, dtype=D) - V @ V.T
+    fro2 = float(((P @ A @ P) ** 2).sum())
+    r = deflated_hutchinson_trace(op, V, 4000, distribution="gaussian", seed=3)
+    assert r.samples is not None and r.method == "deflated-hutchinson"
+    assert abs(float(r.samples.var()) / (2 * fro2) - 1) < 0.12
+    assert fro2 * 20 < float((A * A).sum())
+    assert r.num_matvecs == 4000 + V.shape[1]  # tr(V^T A V) computed with m products
+    assert abs(r.estimate - float(A.trace())) < 4 * r.standard_error
+    # an empty basis is plain Hutchinson on the same probes
+    h = hutchinson_trace(op, 50, seed=7)
+    d = deflated_hutchinson_trace(op, V[:, :0], 50, seed=7)
+    assert d.estimate == pytest.approx(h.estimate, rel=1e-12) and d.num_matvecs == 50
+
+
+def test_deflated_hutchinson_bad_bases_raise() -> None:
+    op = MatrixOperator(_flat())
+    with pytest.raises(ValueError, match="shape"):
+        deflated_hutchinson_trace(op, torch.zeros(N + 1, 2, dtype=D), 5)
+    with pytest.raises(ValueError, match="orthonormal"):
+        deflated_hutchinson_trace(op, torch.ones(N, 2, dtype=D), 5)
+    with pytest.raises(TypeError, match="dtype"):
+        deflated_hutchinson_trace(op, torch.eye(N, 2), 5)
+    with pytest.raises(ValueError, match="num_matvecs"):
+        deflated_hutchinson_trace(op, torch.eye(N, 2, dtype=D), 0)

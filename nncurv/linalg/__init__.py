@@ -6,7 +6,14 @@ from nncurv.linalg.density import SpectralDensity, plot_spectral_density, spectr
 from nncurv.linalg.diagonal import diagonal, exact_diagonal, hutchinson_diagonal, xdiag
 from nncurv.linalg.eigen import eigenvalues
 from nncurv.linalg.ggn_diagonal import ggn_diagonal
-from nncurv.linalg.trace import exact_trace, hutchinson_trace, hutchpp_trace, trace, xtrace
+from nncurv.linalg.trace import (
+    deflated_hutchinson_trace,
+    exact_trace,
+    hutchinson_trace,
+    hutchpp_trace,
+    trace,
+    xtrace,
+)
 
 __all__ = [
     "DiagonalResult",
@@ -18,6 +25,7 @@ __all__ = [
     "diagonal",
     "eigenvalues",
     "exact_diagonal",
+    "deflated_hutchinson_trace",
     "exact_trace",
     "ggn_diagonal",
     "hutchinson_diagonal",

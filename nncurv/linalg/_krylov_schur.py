@@ -39,6 +39,8 @@ class KrylovOutput:
     residuals: Tensor
     converged: bool
     num_matvecs: int
+    basis: Tensor | None = None  # (n, m) orthonormal Krylov basis V
+    projection: Tensor | None = None  # (m, m) V^T A V
 
 
 def select(theta: Tensor, k: int, which: str) -> Tensor:
@@ -111,6 +113,7 @@ def krylov_schur(
     ncv: int,
     generator: torch.Generator,
     return_vectors: bool,
+    return_basis: bool = False,
 ) -> KrylovOutput:
     """Compute ``k`` eigenpairs of a symmetric ``op`` selected by ``which``.
 
@@ -125,6 +128,7 @@ def krylov_schur(
         ncv: Maximal basis size before a thick restart (``>= k + b``).
         generator: Source of random directions after a breakdown.
         return_vectors: Whether to form the Ritz vectors.
+        return_basis: Whether to return the final basis :math:`V_m` and :math:`H_m`.
     """
     n = op.shape[0]
     b = start.shape[1]
@@ -220,10 +224,13 @@ def krylov_schur(
             m = p
         bw = nb
     vectors = V[:, :m] @ S[:, wanted].to(op.dtype) if return_vectors else None
+    Hm = H[:m, :m]
     return KrylovOutput(
         theta=theta[wanted].to(op.dtype),
         vectors=vectors,
         residuals=res[wanted].to(op.dtype),
         converged=converged,
         num_matvecs=nmv,
+        basis=V[:, :m] if return_basis else None,  # a view: no copy of a large basis
+        projection=((Hm + Hm.T) / 2).to(op.dtype) if return_basis else None,
     )

@@ -31,6 +31,12 @@ class EigenResult:
         which: The part of the spectrum requested.
         eigenvector_dicts: For parameter-space operators (those with ``unflatten``), one
             parameter dict per eigenvector; otherwise ``None``.
+        krylov_basis: With ``return_basis=True`` (Lanczos methods): the ``(n, m)`` orthonormal
+            basis :math:`V` of the final Krylov subspace, which holds the computed eigenvectors
+            and the directions found on the way; otherwise ``None``.
+        krylov_projection: The ``(m, m)`` projection :math:`V^\top A V`, known without further
+            products; its trace is the exact trace of :math:`A` on that subspace (see
+            :func:`~nncurv.linalg.deflated_hutchinson_trace`).
     """
 
     eigenvalues: Tensor
@@ -42,6 +48,8 @@ class EigenResult:
     method: str
     which: str
     eigenvector_dicts: list[dict[str, Tensor]] | None = None
+    krylov_basis: Tensor | None = None
+    krylov_projection: Tensor | None = None
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ def eigenvalues(
     block_size: int | None = None,
     v0: Tensor | None = None,
     return_eigenvectors: bool = False,
+    return_basis: bool = False,
     generator: torch.Generator | None = None,
     seed: int = 0,
 ) -> EigenResult:
@@ -101,6 +102,8 @@ def eigenvalues(
             accurate to ``tol``), while a single Krylov sequence resolves a cluster slowly.
         return_eigenvectors: Also return the ``(n, k)`` eigenvectors (and, for parameter-space
             operators with ``unflatten``, one parameter dict per eigenvector).
+        return_basis: Also return the final Krylov basis and :math:`V^\top A V` (Lanczos
+            methods), e.g. to deflate a trace estimate at no further product.
         generator: ``torch.Generator`` on the operator's device for the random start.
         seed: Seed of the generator created when ``generator`` is ``None``.
 
@@ -167,6 +170,8 @@ def eigenvalues(
     gen = make_generator(op, generator, seed)
 
     vecs: Tensor | None
+    basis: Tensor | None = None
+    projection: Tensor | None = None
     if method == "power":
         vals, vecs, res, conv, nmv = _power(op, k, which, float(tol), max_matvecs, warm, gen)
     else:
@@ -181,7 +186,9 @@ def eigenvalues(
             ncv=ncv,
             generator=gen,
             return_vectors=return_eigenvectors,
+            return_basis=return_basis,
         )
+        basis, projection = out.basis, out.projection
         vals, vecs, res, conv, nmv = (
             out.theta,
             out.vectors,
@@ -205,6 +212,8 @@ def eigenvalues(
         method=method,
         which=which,
         eigenvector_dicts=dicts,
+        krylov_basis=basis,
+        krylov_projection=projection,
     )
 
 
