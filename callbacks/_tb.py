@@ -10,7 +10,7 @@ import torch
 
 from nncurv.linalg.density import SpectralDensity
 
-__all__ = ["tensorboard_writers", "custom_scalars_layout", "add_density"]
+__all__ = ["tensorboard_writers", "custom_scalars_layout", "add_density", "log_scalars"]
 
 
 def _writer_types() -> tuple[type, ...]:
@@ -108,3 +108,44 @@ def add_density(writer: Any, tag: str, slq: SpectralDensity, step: int, num_bins
         bucket_counts=counts.tolist(),
         global_step=step,
     )
+
+
+_STOCK: list[Any] | None = None
+
+
+def _stock_log_metrics() -> list[Any]:
+    """``log_metrics`` of the TensorBoard loggers of both Lightning namespaces (cached)."""
+    global _STOCK
+    if _STOCK is None:
+        import importlib
+
+        _STOCK = []
+        for mod in ("lightning_fabric.loggers.tensorboard", "lightning.fabric.loggers.tensorboard"):
+            try:
+                _STOCK.append(importlib.import_module(mod).TensorBoardLogger.log_metrics)
+            except (ImportError, AttributeError):
+                pass
+    return _STOCK
+
+
+def log_scalars(logger: Any, tags: dict[str, float], step: int) -> None:
+    """``logger.log_metrics(tags, step)``, as one merged event for a stock TensorBoard logger.
+
+    Lightning's ``TensorBoardLogger`` writes one event per scalar (about 25 µs each); the same
+    values in one ``Summary`` (as TensorFlow's merged summaries do) read back identically and
+    cost a fifth. Any other logger, or one that overrides ``log_metrics``, gets the call.
+    """
+    writer = getattr(getattr(logger, "experiment", None), "_get_file_writer", None)
+    prefix = getattr(logger, "_prefix", None)
+    stock = getattr(type(logger), "log_metrics", None) in _stock_log_metrics()
+    if not stock or writer is None or not isinstance(prefix, str):
+        logger.log_metrics(tags, step=step)
+        return
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
+    values = [
+        Summary.Value(tag=f"{prefix}{join}{k}" if prefix else k, simple_value=float(v))
+        for k, v in tags.items()
+    ]
+    writer().add_summary(Summary(value=values), step)

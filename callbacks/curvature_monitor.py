@@ -26,7 +26,12 @@ from nncurv.callbacks._metrics import (
     TopEigenvalues,
 )
 from nncurv.callbacks._schedule import OverheadBudget, StepSchedule
-from nncurv.callbacks._tb import add_density, custom_scalars_layout, tensorboard_writers
+from nncurv.callbacks._tb import (
+    add_density,
+    custom_scalars_layout,
+    log_scalars,
+    tensorboard_writers,
+)
 from pytorch_lightning.callbacks.callback import Callback
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from pytorch_lightning.utilities.rank_zero import rank_zero_warn
@@ -602,7 +607,7 @@ class CurvatureMonitor(Callback):
         if not trainer.is_global_zero:
             return
         for logger in trainer.loggers:
-            logger.log_metrics(tags, step=step)
+            log_scalars(logger, tags, step)
         for w in self._writers:
             if id(w) not in self._layout_written:
                 self._layout_written.add(id(w))

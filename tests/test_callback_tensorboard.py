@@ -122,3 +122,38 @@ def test_tensorboard_server_shows_scalars_histograms_and_images(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_merged_scalar_events_read_back_like_log_metrics(tmp_path):
+    """One merged event per call for a stock TensorBoardLogger (prefix honoured) reads back
+    exactly like Lightning's one-event-per-scalar ``log_metrics``; other loggers and loggers
+    that override ``log_metrics`` are called as usual."""
+    from nncurv.callbacks._tb import log_scalars
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    from tests.test_callback_common import read_events
+
+    tags = {"curvature/a": 1.5, "curvature/b/c": -2.25, "curvature/n": 7.0}
+    ours = TensorBoardLogger(str(tmp_path), name="ours", prefix="run")
+    theirs = TensorBoardLogger(str(tmp_path), name="theirs", prefix="run")
+    for step in (3, 8):
+        log_scalars(ours, {k: v * step for k, v in tags.items()}, step)
+        theirs.log_metrics({k: v * step for k, v in tags.items()}, step=step)
+    ours.experiment.flush()
+    theirs.experiment.flush()
+    got, _ = read_events(ours.log_dir)
+    want, _ = read_events(theirs.log_dir)
+    assert set(got) == {f"run-{k}" for k in tags}
+    assert got == want
+
+    class Custom(TensorBoardLogger):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.calls = []
+
+        def log_metrics(self, metrics, step=None):
+            self.calls.append((step, dict(metrics)))
+
+    custom = Custom(str(tmp_path), name="custom")
+    log_scalars(custom, tags, 5)
+    assert custom.calls == [(5, tags)]
