@@ -468,6 +468,9 @@ def _relabel(res: TraceResult, t0: float) -> TraceResult:
     )
 
 
+_XTRACE_CALIBRATION = 1.6
+
+
 def _auto_trace(
     op: LinearOperator,
     num_matvecs: int = 100,
@@ -487,7 +490,11 @@ def _auto_trace(
     Om, Y = _sketch(op, s, distribution, gen, "the XTrace sketch")
     h = (Om * Y).sum(0)  # Hutchinson samples w_i^T A w_i, E[w w^T] = I
     var_hutchinson = float(_wide(h).var()) / num_matvecs
-    var_xtrace = 2.0 * _loo_range_residual(Y) / s
+    # the leave-one-out prediction is optimistic for XTrace on bulk-dominated spectra: the
+    # measured variance was 1.5-1.7x the prediction on the benchmark MLP and the 21.5k CNN
+    # Hessian (and as predicted on outlier spectra), so XTrace must be predicted better by
+    # that factor; a wrong pick of Hutchinson then costs little where XTrace's gain is small
+    var_xtrace = _XTRACE_CALIBRATION * 2.0 * _loo_range_residual(Y) / s
     if var_xtrace < var_hutchinson:
         return _xtrace_finish(op, Om, Y, t0, "auto:xtrace")
     parts = [h]
@@ -532,9 +539,12 @@ def trace(
     :math:`(I-P_{(i)})A(I-P_{(i)})`; :math:`\lVert (I - P_{(i)})A\omega_i\rVert^2` is an
     unbiased estimate of :math:`\lVert (I-P_{(i)})A\rVert_F^2` because :math:`P_{(i)}`, the
     projector onto the sketch without column :math:`i`, is independent of :math:`\omega_i`.
-    If :math:`V_X < V_H` it completes XTrace (``s`` products :math:`AQ`, ``method=
-    "auto:xtrace"``); otherwise it draws ``m - s`` fresh probes and returns Hutchinson over all
-    ``m`` probes, the first ``s`` being the sketch's (``method="auto:hutchinson"``). Either way
+    The proxy underestimates XTrace's variance on bulk-dominated spectra (measured 1.5-1.7x on
+    the benchmark MLP and the 21.5k-parameter CNN Hessian, exact on outlier spectra), so it is
+    scaled by a calibration factor :math:`c = 1.6`. If :math:`c V_X < V_H` it completes XTrace
+    (``s`` products :math:`AQ`, ``method="auto:xtrace"``); otherwise it draws ``m - s`` fresh
+    probes and returns Hutchinson over all ``m`` probes, the first ``s`` being the sketch's
+    (``method="auto:hutchinson"``). Either way
     it spends the budget (XTrace: ``2s``) and returns ``"exact"`` when ``num_matvecs >= n``.
     Spectra with outliers (network Hessians) pick XTrace, flat spectra Hutchinson, whose
     error then equals that of :func:`hutchinson_trace` at the same budget (XTrace's is up to
