@@ -378,7 +378,8 @@ class HessianTrace(CurvatureMetric):
 
     def compute(self, ctx: MetricContext) -> MetricOutput:
         op, gen = ctx.hessian(), ctx.generator(self.name)
-        krylov = ctx.results.get("krylov_basis") if self.deflate else None
+        # taken out of the context: the basis is a view of the Lanczos workspace
+        krylov = ctx.results.pop("krylov_basis", None) if self.deflate else None
         if krylov is not None and op.shape[0] > self.num_matvecs:
             basis, basis_trace = krylov
             r = deflated_hutchinson_trace(

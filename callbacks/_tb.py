@@ -135,17 +135,20 @@ def log_scalars(logger: Any, tags: dict[str, float], step: int) -> None:
     values in one ``Summary`` (as TensorFlow's merged summaries do) read back identically and
     cost a fifth. Any other logger, or one that overrides ``log_metrics``, gets the call.
     """
-    writer = getattr(getattr(logger, "experiment", None), "_get_file_writer", None)
-    prefix = getattr(logger, "_prefix", None)
     stock = getattr(type(logger), "log_metrics", None) in _stock_log_metrics()
-    if not stock or writer is None or not isinstance(prefix, str):
+    prefix = getattr(logger, "_prefix", None)
+    experiment = getattr(logger, "experiment", None) if stock else None
+    try:  # torch's SummaryWriter only (not tensorboardX's, which Lightning may fall back to)
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        experiment = None
+    if not isinstance(experiment, SummaryWriter) or not isinstance(prefix, str):
         logger.log_metrics(tags, step=step)
         return
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
     join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
     values = [
         Summary.Value(tag=f"{prefix}{join}{k}" if prefix else k, simple_value=float(v))
         for k, v in tags.items()
     ]
-    writer().add_summary(Summary(value=values), step)
+    experiment._get_file_writer().add_summary(Summary(value=values), step)

@@ -7,6 +7,7 @@ layout), on CPU or GPU, single process or DDP, without disturbing training.
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import warnings
@@ -40,6 +41,7 @@ from typing_extensions import override
 
 from nncurv._state import untouched
 from nncurv.batches import BatchFormat
+from nncurv.operators import HessianOperator
 from nncurv.problem import CurvatureProblem, ParamSelection
 
 __all__ = ["CurvatureMonitor"]
@@ -251,6 +253,8 @@ class CurvatureMonitor(Callback):
         self.dropout = dropout
         self.batch_format = batch_format
         self.hessian_mode = hessian_mode
+        # what "auto" settled on at an earlier call (run time only; not in checkpoints)
+        self._learned_mode: str | None = None
         self._batched_products: bool | None = None
         self.validation = validation
         self.autocast = autocast
@@ -269,7 +273,10 @@ class CurvatureMonitor(Callback):
         self._writers: list[Any] = []
         self._world_size = 1
         self._fast_dev_run = False
-        self._probe_wanted = 0  # probe batches still to collect from training batches
+        # probe batches to collect from the first training batches
+        self._probe_wanted = 0
+        if probe_data is None and probe != "fresh":
+            self._probe_wanted = 1 if probe == "fixed" else int(probe)
         self._layout_written: set[int] = set()
         self._warned: set[str] = set()
         self._loss_checked = False  # the first problem checks that the loss is a scalar
@@ -341,8 +348,6 @@ class CurvatureMonitor(Callback):
             return
         self._world_size = trainer.world_size
         self._fast_dev_run = bool(getattr(trainer, "fast_dev_run", False))
-        if self.probe_data is None and self.probe != "fresh":
-            self._probe_wanted = 1 if self.probe == "fixed" else int(self.probe)
         if not trainer.loggers:
             raise MisconfigurationException(
                 "Cannot use the CurvatureMonitor callback with a Trainer that has no logger; "
@@ -471,6 +476,19 @@ class CurvatureMonitor(Callback):
         except (IndexError, KeyError, AttributeError, TypeError, RuntimeError):
             return None
 
+    def _mode_for(self, problem: CurvatureProblem) -> str:
+        """The product mode for this call: the user's, or what ``"auto"`` learned before.
+
+        A learned ``"cached"`` is reused only while the probe data has few enough batches for
+        ``"auto"`` to choose it (one kept graph per batch); otherwise ``"auto"`` decides anew.
+        """
+        mode = self._learned_mode
+        if self.hessian_mode != "auto" or mode is None:
+            return self.hessian_mode
+        if mode == "cached" and problem.num_batches > _MAX_CACHED_BATCHES:
+            return "auto"
+        return mode
+
     def _precision(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         if self.autocast:
             return trainer.precision_plugin.forward_context()
@@ -539,7 +557,7 @@ class CurvatureMonitor(Callback):
                 step=step,
                 lr=lr,
                 seed=self.seed,
-                hessian_mode=self.hessian_mode,
+                hessian_mode=self._mode_for(problem),
                 batched_products=self._batched_products,
                 loss_fn=self._loss,
                 data=data,
@@ -570,8 +588,8 @@ class CurvatureMonitor(Callback):
                 merged.figures.update(res.figures)
             # keep what "auto" chose (the product mode, the matmat strategy) for later calls
             mode, batched = ctx.learned()
-            if self.hessian_mode == "auto":
-                self.hessian_mode = mode
+            if self.hessian_mode == "auto" and mode != "auto":
+                self._learned_mode = mode
             if self._batched_products is None:
                 self._batched_products = batched
             top = ctx.results.get("top_eig")
@@ -630,7 +648,6 @@ class CurvatureMonitor(Callback):
             "last_computed": self._last_computed,
             "pending": self._pending,
             "num_calls": self._num_calls,
-            "hessian_mode": self.hessian_mode,
             "probe": [_to_cpu(b) for b in self._probe],
             "budget": {
                 "spent": self.budget.spent,
@@ -646,7 +663,6 @@ class CurvatureMonitor(Callback):
         self._last_computed = int(state_dict.get("last_computed", -1))
         self._pending = bool(state_dict.get("pending", False))
         self._num_calls = int(state_dict.get("num_calls", 0))
-        self.hessian_mode = state_dict.get("hessian_mode", self.hessian_mode)
         self._probe = list(state_dict.get("probe", []))
         budget = state_dict.get("budget", {})
         self.budget.spent = float(budget.get("spent", 0.0))
@@ -657,6 +673,7 @@ class CurvatureMonitor(Callback):
 
 
 _FUNCTIONAL_MODES = ("forward-over-reverse", "reverse-over-reverse")
+_MAX_CACHED_BATCHES = inspect.signature(HessianOperator).parameters["max_cached_batches"].default
 
 
 def _safe_names(metric: CurvatureMetric, ctx: MetricContext) -> list[str]:

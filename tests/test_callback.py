@@ -514,3 +514,32 @@ def test_trace_deflates_the_krylov_basis_of_the_top_eigenvalues():
     e = torch.tensor(est, dtype=torch.float64)
     assert abs(float(e.mean()) - float(H.trace())) <= 4 * float(e.std()) / math.sqrt(len(est))
     ctx.release()
+
+
+def test_learned_mode_respects_max_cached_batches_and_is_not_checkpointed(tmp_path):
+    """What "auto" learned is reused, but "cached" only for few probe batches; the user's
+    setting is what the checkpoint holds; probe collection needs no setup."""
+    from nncurv import CurvatureProblem
+
+    X, y = regression_data(48, 12)
+    model = Regression(12, lr=0.01)
+    cb = CurvatureMonitor(every_n_steps=2)
+    trainer = make_trainer(tmp_path, [cb], max_steps=4, precision="64-true")
+    trainer.fit(model, loader(X, y, 8))
+    assert cb._learned_mode == "cached"
+    assert cb._batched_products in (True, False)  # the deflated trace's matmat measured it
+    assert cb.hessian_mode == "auto" and "hessian_mode" not in cb.state_dict()
+    one = CurvatureProblem(model, model.loss_fn, (X, y))
+    many = CurvatureProblem(
+        model, model.loss_fn, [(X[i : i + 4], y[i : i + 4]) for i in range(0, 48, 4)]
+    )
+    assert many.num_batches == 12
+    assert cb._mode_for(one) == "cached" and cb._mode_for(many) == "auto"
+    fixed = CurvatureMonitor(hessian_mode="reverse-over-reverse")
+    fixed._learned_mode = "cached"
+    assert fixed._mode_for(one) == "reverse-over-reverse"
+
+    by_hand = CurvatureMonitor(probe=2)
+    for i in range(3):
+        by_hand.on_train_batch_start(None, None, (X[i : i + 1], y[i : i + 1]), i)  # type: ignore[arg-type]
+    assert [float(b[0][0, 0]) for b in by_hand._probe] == [float(X[0, 0]), float(X[1, 0])]

@@ -157,3 +157,30 @@ def test_merged_scalar_events_read_back_like_log_metrics(tmp_path):
     custom = Custom(str(tmp_path), name="custom")
     log_scalars(custom, tags, 5)
     assert custom.calls == [(5, tags)]
+
+
+def test_merged_events_only_for_torch_summary_writers(tmp_path):
+    """A stock logger whose experiment is another writer (tensorboardX, which Lightning falls
+    back to) gets ``log_metrics``."""
+    from nncurv.callbacks._tb import log_scalars
+    from pytorch_lightning.loggers import TensorBoardLogger
+
+    class OtherWriter:
+        def __init__(self) -> None:
+            self.scalars: list[tuple[str, float, int]] = []
+
+        def _get_file_writer(self):  # noqa: ANN202 - present on tensorboardX writers too
+            raise AssertionError("the merged path must not be taken")
+
+        def add_scalar(self, tag: str, value: float, step: int) -> None:
+            self.scalars.append((tag, value, step))
+
+    writer = OtherWriter()
+
+    class Logger(TensorBoardLogger):
+        @property
+        def experiment(self):  # noqa: ANN202
+            return writer
+
+    log_scalars(Logger(str(tmp_path)), {"a": 1.0, "b": 2.0}, 4)
+    assert writer.scalars == [("a", 1.0, 4), ("b", 2.0, 4)]

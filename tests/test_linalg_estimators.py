@@ -436,3 +436,14 @@ def test_deflated_hutchinson_bad_bases_raise() -> None:
         deflated_hutchinson_trace(op, torch.eye(N, 2), 5)
     with pytest.raises(ValueError, match="num_matvecs"):
         deflated_hutchinson_trace(op, torch.eye(N, 2, dtype=D), 0)
+
+
+def test_krylov_basis_after_thick_restarts() -> None:
+    A = _flat()
+    e = eigenvalues(MatrixOperator(A), 2, ncv=6, tol=1e-8, return_basis=True)
+    assert e.num_matvecs > 6  # restarted at least once
+    V, T = e.krylov_basis, e.krylov_projection
+    assert V is not None and T is not None
+    m = V.shape[1]
+    assert_close(V.T @ V, torch.eye(m, dtype=D), rtol=0, atol=1e-12, what="V^T V")
+    assert_close(T, V.T @ A @ V, rtol=0, atol=1e-10, what="V^T A V after restarts")

@@ -318,3 +318,39 @@ def test_batched_products_must_be_a_bool_or_none():
     model, loss_fn, data = case("mlp_tanh_mse_mean").make("cpu")
     with pytest.raises(TypeError, match="batched_products"):
         HessianOperator(CurvatureProblem(model, loss_fn, data), batched_products="yes")
+
+
+def test_cached_matmat_measurement_with_batches_and_earlier_graphs():
+    """Graphs built by earlier products (undecided) and several batches: the measured strategy
+    reaches every batch's graph and the result stays exact; a failure leaves it undecided."""
+    from nncurv.operators.hessian import _Cached
+
+    model, loss_fn, (X, y) = case("mlp_tanh_mse_mean").make("cpu")
+    loader = [(X[:5], y[:5]), (X[5:9], y[5:9]), (X[9:], y[9:])]
+    problem = CurvatureProblem(model, loss_fn, loader)
+    ref = dense_hessian(model, loss_fn, X, y, CurvatureProblem(model, loss_fn, (X, y)))
+    H = HessianOperator(problem)
+    v = torch.randn(H.shape[0], generator=torch.Generator().manual_seed(2), dtype=H.dtype)
+    assert_close(H @ v, ref @ v, rtol=1e-9, atol=1e-11, what="matvec")
+    assert len(H._cache) == 3 and H.batched_products is None
+    V = torch.randn(H.shape[0], 5, generator=torch.Generator().manual_seed(3), dtype=H.dtype)
+    assert_close(H.matmat(V), ref @ V, rtol=1e-9, atol=1e-11, what="measured matmat")
+    assert H.batched_products in (True, False)
+    assert {p.batched for p in H._cache.values()} == {H.batched_products}
+
+    H2 = HessianOperator(problem, mode="cached")
+    H2 @ v
+
+    def broken(self, V):  # noqa: ANN001, ANN202
+        raise ValueError("boom")
+
+    orig = _Cached.mm
+    _Cached.mm = broken  # type: ignore[method-assign]
+    try:
+        with pytest.raises(ValueError, match="boom"):
+            H2.matmat(V)
+    finally:
+        _Cached.mm = orig  # type: ignore[method-assign]
+    assert H2.batched_products is None
+    assert {p.batched for p in H2._cache.values()} == {None}
+    assert_close(H2.matmat(V), ref @ V, rtol=1e-9, atol=1e-11, what="after the failure")

@@ -147,9 +147,10 @@ class HessianOperator(ParameterOperator):
             vmapped backward pass per chunk (``is_grads_batched``); ``False``, one backward pass
             per column; ``None`` (default), measured on the first ``matmat`` of at least 4
             columns (one column looped, the others batched; no product is spent twice), kept in
-            :attr:`batched_products`. The batched pass wins for small models whose products are
-            dominated by per-call overhead (2.3x on a 9k-parameter MLP at batch 32 on CPU), the
-            loop for large batches on CPU.
+            :attr:`batched_products`; a distributed operator does not measure (ranks could
+            decide differently) and uses the device default, the loop on CPU. The batched pass
+            wins for small models whose products are dominated by per-call overhead (2.3x on a
+            9k-parameter MLP at batch 32 on CPU), the loop for large batches on CPU.
 
     Example:
         Linear regression with mean squared error has :math:`H = 2 X^\top X / N` for the weights.
@@ -192,32 +193,42 @@ class HessianOperator(ParameterOperator):
 
     def _matmat(self, V: Tensor) -> Tensor:
         k = V.shape[1]
-        if self.batched_products is not None or self.mode != "cached" or k < 4:
+        if (
+            self.batched_products is not None
+            or self.mode != "cached"
+            or k < 4
+            or self.problem.distributed  # ranks could decide differently: the device default
+        ):
             return super()._matmat(V)
 
         # measure once which matmat strategy is faster for this model and batch: the vmapped
         # backward (one engine call for all columns) wins for small models whose products are
         # dominated by per-call overhead, one backward per column for larger ones on CPU
-        def use(batched: bool) -> None:
+        def use(batched: bool | None) -> None:
             for prod in self._cache.values():
                 if isinstance(prod, _Cached):
                     prod.batched = batched
 
-        self.batched_products = True  # graphs built now get it; the first column is not timed:
-        out = [super()._matmat(V[:, :1])]  # it builds (and verifies) the graphs, warms up vmap
-        self.batched_products = None
-        # one column looped, the rest batched: a batched call has a fixed cost (about three
-        # products for a 9k-parameter MLP) that only a group of columns amortises
+        out: list[Tensor] = []
         per_column: dict[bool, float] = {}
-        for batched, cols in ((False, slice(1, 2)), (True, slice(2, k))):
-            use(batched)
-            self._sync()
-            t0 = time.perf_counter()
-            out.append(super()._matmat(V[:, cols]))
-            self._sync()
-            per_column[batched] = (time.perf_counter() - t0) / (cols.stop - cols.start)
-        if self.mode == "cached":  # still (a failure of the graph falls back to another mode)
-            self.batched_products = per_column[True] < per_column[False]
+        try:
+            # the first column is not timed: it builds (and verifies) the graphs and warms up
+            # the vmapped backward, for graphs built now and for those built by earlier products
+            self.batched_products = True
+            use(True)
+            out.append(super()._matmat(V[:, :1]))
+            # one column looped, the rest batched: a batched call has a fixed cost (about three
+            # products for a 9k-parameter MLP) that only a group of columns amortises
+            for batched, cols in ((False, slice(1, 2)), (True, slice(2, k))):
+                use(batched)
+                self._sync()
+                t0 = time.perf_counter()
+                out.append(super()._matmat(V[:, cols]))
+                self._sync()
+                per_column[batched] = (time.perf_counter() - t0) / (cols.stop - cols.start)
+        finally:
+            decided = len(per_column) == 2 and self.mode == "cached"  # (not fallen back)
+            self.batched_products = per_column[True] < per_column[False] if decided else None
             use(self.batched_products)
         return torch.cat(out, dim=1)
 
