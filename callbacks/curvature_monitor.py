@@ -7,7 +7,6 @@ layout), on CPU or GPU, single process or DDP, without disturbing training.
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 import warnings
@@ -41,7 +40,6 @@ from typing_extensions import override
 
 from nncurv._state import untouched
 from nncurv.batches import BatchFormat
-from nncurv.operators import HessianOperator
 from nncurv.problem import CurvatureProblem, ParamSelection
 
 __all__ = ["CurvatureMonitor"]
@@ -479,15 +477,12 @@ class CurvatureMonitor(Callback):
     def _mode_for(self, problem: CurvatureProblem) -> str:
         """The product mode for this call: the user's, or what ``"auto"`` learned before.
 
-        A learned ``"cached"`` is reused only while the probe data has few enough batches for
-        ``"auto"`` to choose it (one kept graph per batch); otherwise ``"auto"`` decides anew.
+        Only a functional mode is learned (one ``"auto"`` fell back to or timed), so that it is
+        not probed again; the cached mode is re-chosen by ``"auto"`` at no cost.
         """
-        mode = self._learned_mode
-        if self.hessian_mode != "auto" or mode is None:
+        if self.hessian_mode != "auto" or self._learned_mode is None:
             return self.hessian_mode
-        if mode == "cached" and problem.num_batches > _MAX_CACHED_BATCHES:
-            return "auto"
-        return mode
+        return self._learned_mode
 
     def _precision(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         if self.autocast:
@@ -588,7 +583,10 @@ class CurvatureMonitor(Callback):
                 merged.figures.update(res.figures)
             # keep what "auto" chose (the product mode, the matmat strategy) for later calls
             mode, batched = ctx.learned()
-            if self.hessian_mode == "auto" and mode != "auto":
+            if self.hessian_mode == "auto" and mode in _FUNCTIONAL_MODES:
+                # "auto" found the cached mode failing or, with many probe batches, timed the
+                # functional modes: later calls skip that (a verified "cached" costs nothing to
+                # re-choose, and is re-chosen only while the probe data has few batches)
                 self._learned_mode = mode
             if self._batched_products is None:
                 self._batched_products = batched
@@ -673,7 +671,6 @@ class CurvatureMonitor(Callback):
 
 
 _FUNCTIONAL_MODES = ("forward-over-reverse", "reverse-over-reverse")
-_MAX_CACHED_BATCHES = inspect.signature(HessianOperator).parameters["max_cached_batches"].default
 
 
 def _safe_names(metric: CurvatureMetric, ctx: MetricContext) -> list[str]:
