@@ -60,6 +60,20 @@ def select(theta: Tensor, k: int, which: str) -> Tensor:
     return idx
 
 
+def _select_list(theta: list[float], k: int, which: str) -> list[int]:
+    """:func:`select` on a host list of Ritz values (ascending, as ``eigh`` returns them)."""
+    m = len(theta)
+    k = min(k, m)
+    if which == "LA":
+        return list(range(m - 1, m - 1 - k, -1))
+    if which == "SA":
+        return list(range(k))
+    if which == "LM":
+        return sorted(range(m), key=lambda i: -abs(theta[i]))[:k]
+    hi, lo = (k + 1) // 2, k // 2
+    return list(range(lo)) + list(range(m - hi, m))
+
+
 def _orthonormalise_block(
     W: Tensor, V: Tensor, gen: torch.Generator, dims_left: int, scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -179,14 +193,18 @@ def krylov_schur(
             H[m : m + nb, m_old:m] = Rn.to(work_dtype)
         else:
             nb = 0
-        # convergence and sanity tests (one host synchronisation per block)
+        # convergence and sanity tests on the small projected problem (host synchronisations:
+        # one for the sanity scalars, one for the Ritz values and residual norms)
         Hm = H[:m, :m]
-        hmax = float(Hm.abs().max()) if m > 0 else 0.0
+        if m_old:
+            asym_t = (H[:m_old, m_old:m] - H[m_old:m, :m_old].T).abs().max()
+            hmax, asym = torch.stack([Hm.abs().max(), asym_t]).tolist()
+        else:
+            hmax, asym = float(Hm.abs().max()), 0.0
         if hmax != hmax or hmax == float("inf"):
             raise NonFiniteError(
                 f"the operator produced NaN or Inf after {nmv} products; no eigenvalues reported"
             )
-        asym = float((H[:m_old, m_old:m] - H[m_old:m, :m_old].T).abs().max()) if m_old else 0.0
         if asym > sym_tol * max(hmax, torch.finfo(op.dtype).tiny):
             raise ValueError(
                 f"op is not symmetric: projections differ by {asym:.3e} relative to "
@@ -195,11 +213,13 @@ def krylov_schur(
         theta, S = torch.linalg.eigh((Hm + Hm.T) / 2)
         C = H[m : m + nb, :m]
         res = (C @ S).norm(dim=0) if nb > 0 else torch.zeros_like(theta)
-        wanted = select(theta, k, which)
+        host = torch.cat([theta, res.to(theta.dtype)]).tolist()
+        theta_l, res_l = host[:m], host[m:]
+        wanted_l = _select_list(theta_l, k, which)
+        wanted = torch.tensor(wanted_l, dtype=torch.long, device=theta.device)
         if m >= k or nb == 0:
-            floor = 1e3 * eps * max(hmax, float(theta.abs().max()))
-            bound = tol * theta[wanted].abs() + floor
-            if m >= k and bool((res[wanted] <= bound).all()):
+            floor = 1e3 * eps * max(hmax, abs(theta_l[0]), abs(theta_l[-1]))
+            if m >= k and all(res_l[i] <= tol * abs(theta_l[i]) + floor for i in wanted_l):
                 converged = True
                 break
         if nb == 0:  # the whole space is spanned: Ritz pairs are exact
