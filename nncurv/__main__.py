@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-size",
         type=int,
         default=None,
-        help="landscape points per vectorised pass (default: 8 on CPU, 64 on GPU)",
+        help="landscape points per vectorised pass (default: 2 on CPU, 64 on GPU)",
     )
     m = r.add_argument_group("output")
     m.add_argument("--no-tensorboard", action="store_true", help="do not write event files")

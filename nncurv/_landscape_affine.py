@@ -32,6 +32,26 @@ from nncurv.problem import Batch, CurvatureProblem
 __all__ = ["AffinePlan", "affine_plan"]
 
 _AFFINE_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+_IN_PLACE: dict[type, Callable[[Tensor], Tensor]] = {
+    nn.Tanh: torch.Tensor.tanh_,
+    nn.ReLU: torch.Tensor.relu_,
+    nn.Sigmoid: torch.Tensor.sigmoid_,
+    nn.Identity: lambda t: t,
+}
+# parameter-free elementwise modules the batched MLP path calls directly on (P, N, H) tensors
+_ELEMENTWISE = (
+    nn.Identity,
+    nn.Tanh,
+    nn.ReLU,
+    nn.Sigmoid,
+    nn.GELU,
+    nn.SiLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Softplus,
+    nn.Hardtanh,
+    nn.Mish,
+)
 
 
 def _has_hooks(m: nn.Module) -> bool:
@@ -111,25 +131,89 @@ class AffinePlan:
     ) -> Callable[[Tensor], Tensor] | None:
         """A map from a ``(P, k)`` chunk of coefficients to the first layer's ``(P, ...)`` outputs.
 
-        ``z0`` copied once per point, then one in-place ``addcmul_`` per direction (about three
-        times faster on CPU than an ``addmm`` of ``C @ [z_1; …; z_k]`` with ``k = 2``, and
-        several times faster than the broadcast ``z0 + c_1 z_1 + c_2 z_2``). ``None`` when an
-        output is not finite (e.g. a direction so large that ``L(x; D)`` overflows, where
-        ``0 · inf`` would turn the centre into NaN): the caller then takes the generic path.
+        One matrix product ``[1, c] @ [z_0; z_1; …]`` per chunk (with ``k = 2`` on the digits
+        MLP about 2.3x faster on CPU than copying ``z_0`` and adding ``c_j z_j`` in place: the
+        output is written once). ``None`` when an output is not finite (e.g. a direction so
+        large that ``L(x; D)`` overflows, where ``0 · inf`` would turn the centre into NaN): the
+        caller then takes the generic path.
         """
         z0, zs = self.base_outputs(problem, center, dirs, batch)
         terms = [(j, z) for j, z in enumerate(zs) if z is not None]
         if not all(bool(torch.isfinite(z).all()) for z in [z0] + [z for _, z in terms]):
             return None  # one check per batch
-        ones = (1,) * z0.dim()
+        stacked = torch.stack([z0] + [z for _, z in terms]).reshape(1 + len(terms), -1)
+        cols = [j for j, _ in terms]
 
         def f(C: Tensor) -> Tensor:
-            out = z0.unsqueeze(0).repeat(C.shape[0], *ones)
-            for j, zj in terms:
-                out.addcmul_(C[:, j].to(zj.dtype).view(-1, *ones), zj)
-            return out
+            coef = torch.cat([torch.ones_like(C[:, :1]), C[:, cols]], dim=1).to(z0.dtype)
+            return (coef @ stacked).view(C.shape[0], *z0.shape)
 
         return f
+
+    @property
+    def batched_mlp(self) -> bool:
+        """Whether the rest is ``nn.Linear`` layers and parameter-free elementwise modules only.
+
+        Then a chunk of points runs through it as batched matrix products with the bias fused
+        (``torch.baddbmm``) instead of a vmapped ``functional_call``: exact, and on CPU it
+        avoids the separate bias pass and the vmap bookkeeping of every layer.
+        """
+        for _, m in self.rest:
+            if _has_hooks(m):
+                return False
+            if type(m) is nn.Linear:
+                continue
+            if type(m) not in _ELEMENTWISE or any(True for _ in m.parameters()):
+                return False
+            if any(True for _ in m.buffers()) or any(True for _ in m.children()):
+                return False
+        return True
+
+    def rest_outputs_batched(
+        self,
+        problem: CurvatureProblem,
+        center: Mapping[str, Tensor],
+        dirs: Sequence[Mapping[str, Tensor]],
+        C: Tensor,
+        z: Tensor,
+    ) -> Tensor:
+        """The rest of an MLP (see :attr:`batched_mlp`) for a chunk of points at once.
+
+        Args:
+            problem: The problem (its fixed state holds the unselected parameters).
+            center: Parameters of the origin (selected ones).
+            dirs: The directions.
+            C: ``(P, k)`` coefficients.
+            z: ``(P, N, H)`` first-layer outputs of the points.
+
+        Returns:
+            ``(P, N, out)`` outputs, row ``i`` at ``center + sum_j C[i, j] dirs[j]``.
+        """
+        fixed = problem._fixed
+        P = C.shape[0]
+
+        def at_points(name: str) -> Tensor:
+            base = center[name] if name in center else fixed[name]
+            ones = (1,) * base.dim()
+            out = base.unsqueeze(0).repeat(P, *ones)
+            for j, d in enumerate(dirs):
+                if name in d:
+                    out.addcmul_(C[:, j].to(base.dtype).view(-1, *ones), d[name])
+            return out
+
+        h = z  # (z is the caller's: not modified in place)
+        for prefix, m in self.rest:
+            if type(m) is nn.Linear:
+                W = at_points(prefix + "weight").transpose(1, 2)
+                if m.bias is None:
+                    h = torch.bmm(h, W)
+                else:
+                    h = torch.baddbmm(at_points(prefix + "bias").unsqueeze(1), h, W)
+            elif h is not z and type(m) in _IN_PLACE:
+                h = _IN_PLACE[type(m)](h)  # an intermediate of this function only
+            else:
+                h = m(h)
+        return h
 
     def rest_output(
         self, problem: CurvatureProblem, state: Mapping[str, Tensor], z: Tensor

@@ -78,6 +78,8 @@ class GridEvaluation:
             with BatchNorm recalibration).
         first_layer_precomputed: Whether the first-layer affine precomputation was used (on at
             least one batch).
+        batched_mlp: Whether the rest of the network ran as batched matrix products (an MLP of
+            ``nn.Linear`` and elementwise layers after the precomputed first layer).
     """
 
     loss: Tensor
@@ -85,6 +87,7 @@ class GridEvaluation:
     vectorized: bool
     num_evaluations: int
     first_layer_precomputed: bool = False
+    batched_mlp: bool = False
 
 
 def _bn_modules(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
@@ -187,7 +190,7 @@ class _Evaluator:
         With ``plan``, from the precomputed first-layer outputs (``num_evaluations`` still
         counts one per point).
         """
-        problem, metrics = self.problem, self.metrics
+        problem = self.problem
         output: Callable[[Tensor, dict[str, Tensor]], Tensor]
         if plan is None:
 
@@ -207,10 +210,19 @@ class _Evaluator:
                 state = {**fixed, **_point(center, dirs, c)}
                 return plan.rest_output(problem, state, extra["z"])
 
-        fast = fast_loss(problem, batch)
+        values = self.values_of_output(batch, frac)
 
         def f(c: Tensor, bn_state: dict[str, Tensor]) -> Tensor:
-            out = output(c, bn_state)
+            return values(output(c, bn_state))
+
+        return f
+
+    def values_of_output(self, batch: Batch, frac: float) -> Callable[[Tensor], Tensor]:
+        """``[weighted loss, metric_1 * frac, ...]`` of one point's model output on ``batch``."""
+        problem, metrics = self.problem, self.metrics
+        fast = fast_loss(problem, batch)
+
+        def values(out: Tensor) -> Tensor:
             value = fast(out) if fast is not None else problem.output_loss(out, batch)
             vals = [(value * batch.weight).to(problem.dtype)]
             for m in metrics.values():
@@ -220,16 +232,34 @@ class _Evaluator:
                 vals.append(v.to(problem.dtype).reshape(()) * frac)
             return torch.stack(vals)
 
-        return f
+        return values
+
+    def run_batched_mlp(
+        self, plan: AffinePlan, batch: Batch, frac: float, C: Tensor, z: Tensor
+    ) -> Tensor | None:
+        """Values of a chunk through :meth:`AffinePlan.rest_outputs_batched`.
+
+        ``None`` when the loss or a metric cannot be vmapped over the outputs (the caller then
+        takes the vmapped ``functional_call`` path).
+        """
+        out = plan.rest_outputs_batched(self.problem, self.center, self.dirs, C, z)
+        try:
+            vals = vmap(self.values_of_output(batch, frac), randomness="same")(out)
+        except (RuntimeError, NotImplementedError, ValueError):
+            return None
+        self.evals += C.shape[0]
+        return vals
 
 
 def default_chunk_size(device: torch.device) -> int:
-    """Points per vmap call: 8 on CPU, 64 on accelerators.
+    """Points per vectorised call: 2 on CPU, 64 on accelerators.
 
-    On CPU the activations of a small chunk stay in cache (larger chunks measured slower in
-    ``benchmarks/landscape.py``); accelerators gain from larger batched kernels.
+    On CPU a chunk's activations should stay in cache: on the 2-core machine of
+    ``benchmarks/landscape.py`` (digits MLPs, 1797 samples) chunks of 2 were 1.23-1.30x the
+    loop in every run, while chunks of 4-8 ranged from 0.8x to 1.9x with the load of the
+    machine's shared cache. Accelerators gain from larger batched kernels.
     """
-    return 8 if device.type == "cpu" else 64
+    return 2 if device.type == "cpu" else 64
 
 
 def _chunks(P: int, size: int) -> Iterator[slice]:
@@ -359,6 +389,7 @@ def evaluate_points(
     bns = _bn_modules(problem.model) if recalibrate_bn else []
     plan = affine_plan(problem) if precompute_first_layer and not recalibrate_bn else None
     used_plan = False
+    used_mlp = False
     nb = problem.num_batches
     bar = Progress(P * nb * (2 if bns else 1), desc, progress)
     acc = torch.zeros(P, 1 + len(metrics), dtype=problem.dtype, device=problem.device)
@@ -372,11 +403,24 @@ def evaluate_points(
                     first = plan.first_outputs(problem, center, directions, batch)
                 used_plan |= first is not None
                 fn = ev.values_fn(batch, batch.size / N, plan if first is not None else None)
+                batched = (
+                    first is not None
+                    and plan is not None
+                    and ev.use_vmap
+                    and batch.inputs.dim() == 2
+                    and plan.batched_mlp
+                )
                 for sl in _chunks(P, chunk_size):
                     sub = {key: t[sl] for key, t in stats.items()} if stats else None
                     if first is not None:
                         sub = {"z": first(C[sl])}
-                    acc[sl] += ev.run(fn, C[sl], sub)
+                    vals = None
+                    if batched:
+                        assert plan is not None and sub is not None
+                        vals = ev.run_batched_mlp(plan, batch, batch.size / N, C[sl], sub["z"])
+                        batched = vals is not None
+                        used_mlp |= batched
+                    acc[sl] += vals if vals is not None else ev.run(fn, C[sl], sub)
                     bar.update(sl.stop - sl.start)
     finally:
         bar.close()
@@ -388,4 +432,5 @@ def evaluate_points(
         vectorized=ev.use_vmap and not ev.fell_back,
         num_evaluations=ev.evals,
         first_layer_precomputed=used_plan,
+        batched_mlp=used_mlp,
     )

@@ -324,7 +324,7 @@ def slice_1d(
         taylor_rtol: Relative-error tolerance of the Taylor model's valid range.
         curvature_operator: Operator for the Taylor curvature (default the Hessian).
         chunk_size: Grid points per vectorised evaluation (bounds memory: activations of
-            ``chunk_size`` copies of a batch); default 8 on CPU, 64 on accelerators.
+            ``chunk_size`` copies of a batch); default 2 on CPU, 64 on accelerators.
         vectorize: ``"auto"`` (``torch.func.vmap`` over the points of a chunk, a loop if a
             layer cannot be vmapped), ``True`` (vmap, errors propagate) or ``False`` (loop).
         recalibrate_bn: Recompute BatchNorm running statistics on the data at every point

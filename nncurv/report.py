@@ -285,7 +285,7 @@ def build_report(
         information: Compute observed-information metrics when the loss is a likelihood.
         information_metrics: Which (see :data:`nncurv.information.ALL_METRICS`).
         tensorboard: Write TensorBoard event files.
-        chunk_size: Landscape points per vectorised evaluation (default 8 on CPU, 64 on GPU).
+        chunk_size: Landscape points per vectorised evaluation (default 2 on CPU, 64 on GPU).
         seed: Seed of every random probe and direction.
         progress: Print progress to stderr.
 

@@ -680,3 +680,57 @@ def test_fast_cross_entropy_equals_the_users_loss_and_falls_back(device, reducti
         (nn.MSELoss(reduction=reduction), out[0]),
     ]:
         assert value(loss_fn, targets) is None
+
+
+@pytest.mark.parametrize("select", [None, "0.", "2."])
+def test_batched_mlp_path_matches_generic_path(device, select):
+    """After the precomputed first layer an MLP of nn.Linear and elementwise layers runs as
+    batched products: equal to the vmapped functional_call path and to a model copy, with a
+    loader and sum reduction, a parameter selection, layers without bias and metrics; other
+    layers in the rest, or a metric that cannot be vmapped, take the other paths."""
+    g = torch.Generator().manual_seed(3)
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Linear(5, 7), nn.GELU(), nn.Linear(7, 6, bias=False), nn.ReLU(), nn.Linear(6, 4),
+        nn.Tanh(), nn.Linear(4, 3),
+    ).to(device=device, dtype=DT)  # fmt: skip
+    X = torch.randn(23, 5, generator=g, dtype=DT).to(device)
+    y = torch.randint(0, 3, (23,), generator=g).to(device)
+    loader = [(X[:10], y[:10]), (X[10:], y[10:])]
+    params = None if select is None else (lambda name, p: not name.startswith(select))
+    problem = CurvatureProblem(
+        model, nn.CrossEntropyLoss(reduction="sum"), loader, reduction="sum", params=params
+    )
+    dirs = [random_direction(problem, seed=s) for s in (1, 2)]
+    C = torch.randn(11, 2, generator=torch.Generator().manual_seed(4), dtype=DT).to(device)
+    fast, slow = _both_paths(problem, dirs, C, metrics={"acc": accuracy}, chunk_size=4)
+    assert fast.batched_mlp  # also with the first layer unselected (fixed: still affine)
+    assert fast.first_layer_precomputed and not slow.batched_mlp
+    torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(fast.metrics["acc"], slow.metrics["acc"], rtol=0, atol=0)
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for i in (0, 10):
+            for n, p in ref.named_parameters():
+                if n in problem.params:
+                    p.copy_(
+                        problem.params[n]
+                        + C[i, 0] * dirs[0].vector[n]
+                        + C[i, 1] * dirs[1].vector[n]
+                    )
+            want = nn.functional.cross_entropy(ref(X), y, reduction="sum")
+            torch.testing.assert_close(fast.loss[i], want, rtol=1e-12, atol=1e-12)
+
+    def scalar_metric(out, t):  # .item() has no batching rule: the other path evaluates it
+        return torch.tensor(float((out.argmax(1) == t).double().mean()), dtype=out.dtype)
+
+    m, _ = _both_paths(problem, dirs, C[:3], metrics={"s": scalar_metric}, chunk_size=4)
+    assert not m.batched_mlp
+    torch.testing.assert_close(m.loss, slow.loss[:3], rtol=1e-12, atol=1e-12)
+
+    norm = nn.Sequential(nn.Linear(5, 7), nn.LayerNorm(7), nn.Linear(7, 3)).to(device, DT)
+    p2 = CurvatureProblem(norm, nn.CrossEntropyLoss(), (X, y))
+    d2 = [random_direction(p2, seed=1)]
+    f2, s2 = _both_paths(p2, d2, C[:5, :1], chunk_size=4)
+    assert f2.first_layer_precomputed and not f2.batched_mlp
+    torch.testing.assert_close(f2.loss, s2.loss, rtol=1e-12, atol=1e-12)
