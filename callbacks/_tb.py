@@ -128,6 +128,22 @@ def _stock_log_metrics() -> list[Any]:
     return _STOCK
 
 
+_SUMMARY: list[tuple[Any, Any] | None] = []
+
+
+def _summary_types() -> tuple[Any, Any] | None:
+    """``(Summary proto class, torch SummaryWriter)``, or ``None`` without tensorboard (cached)."""
+    if not _SUMMARY:
+        try:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+            from torch.utils.tensorboard import SummaryWriter
+
+            _SUMMARY.append((Summary, SummaryWriter))
+        except ImportError:
+            _SUMMARY.append(None)
+    return _SUMMARY[0]
+
+
 def log_scalars(logger: Any, tags: dict[str, float], step: int) -> None:
     """``logger.log_metrics(tags, step)``, as one merged event for a stock TensorBoard logger.
 
@@ -137,15 +153,13 @@ def log_scalars(logger: Any, tags: dict[str, float], step: int) -> None:
     """
     stock = getattr(type(logger), "log_metrics", None) in _stock_log_metrics()
     prefix = getattr(logger, "_prefix", None)
-    experiment = getattr(logger, "experiment", None) if stock else None
-    try:  # torch's SummaryWriter only (not tensorboardX's, which Lightning may fall back to)
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        experiment = None
-    if not isinstance(experiment, SummaryWriter) or not isinstance(prefix, str):
+    proto = _summary_types() if stock and isinstance(prefix, str) else None
+    experiment = getattr(logger, "experiment", None) if proto is not None else None
+    # torch's SummaryWriter only (not tensorboardX's, which Lightning may fall back to)
+    if proto is None or not isinstance(experiment, proto[1]) or not isinstance(prefix, str):
         logger.log_metrics(tags, step=step)
         return
+    Summary = proto[0]
     join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
     values = [
         Summary.Value(tag=f"{prefix}{join}{k}" if prefix else k, simple_value=float(v))

@@ -211,6 +211,8 @@ class AffinePlan:
                     h = torch.baddbmm(at_points(prefix + "bias").unsqueeze(1), h, W)
             elif h is not z and type(m) in _IN_PLACE:
                 h = _IN_PLACE[type(m)](h)  # an intermediate of this function only
+            elif h is z and getattr(m, "inplace", False):
+                h = m(h.clone())  # an ``inplace=True`` module must not overwrite the caller's z
             else:
                 h = m(h)
         return h

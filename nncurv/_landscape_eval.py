@@ -162,10 +162,15 @@ class _Evaluator:
         fn: Callable[[Tensor, dict[str, Tensor]], Tensor],
         C: Tensor,
         extra: dict[str, Tensor] | None = None,
+        extra_factory: Callable[[], dict[str, Tensor]] | None = None,
     ) -> Tensor:
-        """``fn(row, extra_row)`` over the rows of ``C`` (vmapped when possible), stacked."""
+        """``fn(row, extra_row)`` over the rows of ``C`` (vmapped when possible), stacked.
+
+        With ``extra_factory`` the extra inputs are made by it, afresh for the point-by-point
+        fallback: a failed vmap may have modified them in place (an ``inplace=True`` module).
+        """
         self.evals += C.shape[0]
-        extra = extra or {}
+        extra = (extra_factory() if extra_factory is not None else extra) or {}
         if self.use_vmap:
             try:
                 return vmap(fn, randomness="same")(C, extra)
@@ -179,6 +184,8 @@ class _Evaluator:
                     RuntimeWarning,
                     stacklevel=4,
                 )
+                if extra_factory is not None:
+                    extra = extra_factory()
         rows = [fn(C[i], {key: t[i] for key, t in extra.items()}) for i in range(C.shape[0])]
         return torch.stack(rows)
 
@@ -412,15 +419,18 @@ def evaluate_points(
                 )
                 for sl in _chunks(P, chunk_size):
                     sub = {key: t[sl] for key, t in stats.items()} if stats else None
+                    factory = None
                     if first is not None:
-                        sub = {"z": first(C[sl])}
+                        factory = lambda f=first, s=sl: {"z": f(C[s])}  # noqa: E731
                     vals = None
                     if batched:
-                        assert plan is not None and sub is not None
-                        vals = ev.run_batched_mlp(plan, batch, batch.size / N, C[sl], sub["z"])
+                        assert plan is not None and first is not None
+                        vals = ev.run_batched_mlp(plan, batch, batch.size / N, C[sl], first(C[sl]))
                         batched = vals is not None
                         used_mlp |= batched
-                    acc[sl] += vals if vals is not None else ev.run(fn, C[sl], sub)
+                    if vals is None:
+                        vals = ev.run(fn, C[sl], sub, extra_factory=factory)
+                    acc[sl] += vals
                     bar.update(sl.stop - sl.start)
     finally:
         bar.close()

@@ -184,3 +184,24 @@ def test_merged_events_only_for_torch_summary_writers(tmp_path):
 
     log_scalars(Logger(str(tmp_path)), {"a": 1.0, "b": 2.0}, 4)
     assert writer.scalars == [("a", 1.0, 4), ("b", 2.0, 4)]
+
+
+def test_log_scalars_without_tensorboard_calls_log_metrics(monkeypatch):
+    """Without tensorboard (the lightning extra not installed) every logger still gets its
+    scalars through ``log_metrics``."""
+    import nncurv.callbacks._tb as tb
+
+    monkeypatch.setattr(tb, "_SUMMARY", [None])
+
+    class Plain:
+        _prefix = ""
+
+        def __init__(self) -> None:
+            self.calls: list[tuple[int | None, dict[str, float]]] = []
+
+        def log_metrics(self, metrics, step=None):  # noqa: ANN001
+            self.calls.append((step, dict(metrics)))
+
+    lg = Plain()
+    tb.log_scalars(lg, {"a": 1.0}, 3)
+    assert lg.calls == [(3, {"a": 1.0})]

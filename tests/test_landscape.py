@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -734,3 +735,27 @@ def test_batched_mlp_path_matches_generic_path(device, select):
     f2, s2 = _both_paths(p2, d2, C[:5, :1], chunk_size=4)
     assert f2.first_layer_precomputed and not f2.batched_mlp
     torch.testing.assert_close(f2.loss, s2.loss, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("act", [nn.LeakyReLU(0.3, inplace=True), nn.SiLU(inplace=True)])
+def test_inplace_modules_do_not_corrupt_the_first_layer_outputs(act):
+    """An ``inplace=True`` module right after the precomputed first layer, with a metric that
+    cannot be vmapped (so the chunk is evaluated again point by point): same values as the
+    generic path."""
+    g = torch.Generator().manual_seed(6)
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(5, 7), act, nn.Linear(7, 3)).to(dtype=DT)
+    X = torch.randn(19, 5, generator=g, dtype=DT)
+    y = torch.randint(0, 3, (19,), generator=g)
+    problem = CurvatureProblem(model, nn.CrossEntropyLoss(), (X, y))
+    dirs = [random_direction(problem, seed=1)]
+    C = torch.randn(6, 1, generator=torch.Generator().manual_seed(2), dtype=DT)
+
+    def scalar_metric(out, t):
+        return torch.tensor(float((out.argmax(1) == t).double().mean()), dtype=out.dtype)
+
+    for metrics in ({}, {"s": scalar_metric}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            fast, slow = _both_paths(problem, dirs, C, metrics=metrics, chunk_size=2)
+        torch.testing.assert_close(fast.loss, slow.loss, rtol=1e-12, atol=1e-12)
