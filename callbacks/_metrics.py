@@ -280,13 +280,17 @@ class TopEigenvalues(CurvatureMetric):
     def names(self, ctx: MetricContext) -> list[str]:
         return [f"hessian/top_eig_{i}" for i in range(self.k)] + ["hessian/top_eig_converged"]
 
-    def compute(self, ctx: MetricContext) -> MetricOutput:
+    def _solve(self, ctx: MetricContext, k: int, which: str) -> Any:
+        """Warm-started Lanczos on the context's Hessian.
+
+        Keeps the eigenvectors for the next call and shares the Krylov basis when asked
+        (``share_basis``).
+        """
         op = ctx.hessian()
-        k = min(self.k, op.shape[0])
         res = eigenvalues(
             op,
             k,
-            which="LA",
+            which=which,  # type: ignore[arg-type]
             tol=self.tol,
             max_matvecs=self.max_matvecs,
             v0=self._warm.get("", op) if self.warm_start else None,
@@ -297,6 +301,11 @@ class TopEigenvalues(CurvatureMetric):
         self._warm.set("", res.eigenvectors)
         if res.krylov_basis is not None and res.krylov_projection is not None:
             ctx.results["krylov_basis"] = (res.krylov_basis, res.krylov_projection.trace())
+        return res
+
+    def compute(self, ctx: MetricContext) -> MetricOutput:
+        k = min(self.k, ctx.hessian().shape[0])
+        res = self._solve(ctx, k, "LA")
         ctx.results["top_eig"] = float(res.eigenvalues[0])
         vals = res.eigenvalues.tolist() + [math.nan] * (self.k - k)
         out = {f"hessian/top_eig_{i}": v for i, v in enumerate(vals)}
@@ -322,18 +331,7 @@ class MinEigenvalue(TopEigenvalues):
         return ["hessian/min_eig"]
 
     def compute(self, ctx: MetricContext) -> MetricOutput:
-        op = ctx.hessian()
-        res = eigenvalues(
-            op,
-            1,
-            which="SA",
-            tol=self.tol,
-            max_matvecs=self.max_matvecs,
-            v0=self._warm.get("", op),
-            return_eigenvectors=True,
-            generator=ctx.generator(self.name),
-        )
-        self._warm.set("", res.eigenvectors)
+        res = self._solve(ctx, 1, "SA")
         return MetricOutput(scalars={"hessian/min_eig": float(res.eigenvalues[0])})
 
 

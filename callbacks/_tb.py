@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -110,38 +112,27 @@ def add_density(writer: Any, tag: str, slq: SpectralDensity, step: int, num_bins
     )
 
 
-_STOCK: list[Any] | None = None
-
-
-def _stock_log_metrics() -> list[Any]:
-    """``log_metrics`` of the TensorBoard loggers of both Lightning namespaces (cached)."""
-    global _STOCK
-    if _STOCK is None:
-        import importlib
-
-        _STOCK = []
-        for mod in ("lightning_fabric.loggers.tensorboard", "lightning.fabric.loggers.tensorboard"):
-            try:
-                _STOCK.append(importlib.import_module(mod).TensorBoardLogger.log_metrics)
-            except (ImportError, AttributeError):
-                pass
-    return _STOCK
-
-
-_SUMMARY: list[tuple[Any, Any] | None] = []
-
-
-def _summary_types() -> tuple[Any, Any] | None:
-    """``(Summary proto class, torch SummaryWriter)``, or ``None`` without tensorboard (cached)."""
-    if not _SUMMARY:
+@functools.cache
+def _stock_log_metrics() -> tuple[Any, ...]:
+    """``log_metrics`` of the TensorBoard loggers of both Lightning namespaces."""
+    found = []
+    for mod in ("lightning_fabric.loggers.tensorboard", "lightning.fabric.loggers.tensorboard"):
         try:
-            from tensorboard.compat.proto.summary_pb2 import Summary
-            from torch.utils.tensorboard import SummaryWriter
+            found.append(importlib.import_module(mod).TensorBoardLogger.log_metrics)
+        except (ImportError, AttributeError):
+            pass
+    return tuple(found)
 
-            _SUMMARY.append((Summary, SummaryWriter))
-        except ImportError:
-            _SUMMARY.append(None)
-    return _SUMMARY[0]
+
+@functools.cache
+def _summary_types() -> tuple[Any, Any] | None:
+    """``(Summary proto class, torch SummaryWriter)``, or ``None`` without tensorboard."""
+    try:
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return Summary, SummaryWriter
 
 
 def log_scalars(logger: Any, tags: dict[str, float], step: int) -> None:
@@ -149,20 +140,20 @@ def log_scalars(logger: Any, tags: dict[str, float], step: int) -> None:
 
     Lightning's ``TensorBoardLogger`` writes one event per scalar (about 25 µs each); the same
     values in one ``Summary`` (as TensorFlow's merged summaries do) read back identically and
-    cost a fifth. Any other logger, or one that overrides ``log_metrics``, gets the call.
+    cost a fifth. Any other logger, one that overrides ``log_metrics``, or one whose writer is
+    not torch's ``SummaryWriter`` (tensorboardX, which Lightning may fall back to) gets the call.
     """
-    stock = getattr(type(logger), "log_metrics", None) in _stock_log_metrics()
     prefix = getattr(logger, "_prefix", None)
+    stock = getattr(type(logger), "log_metrics", None) in _stock_log_metrics()
     proto = _summary_types() if stock and isinstance(prefix, str) else None
     experiment = getattr(logger, "experiment", None) if proto is not None else None
-    # torch's SummaryWriter only (not tensorboardX's, which Lightning may fall back to)
-    if proto is None or not isinstance(experiment, proto[1]) or not isinstance(prefix, str):
+    if proto is None or not isinstance(experiment, proto[1]):
         logger.log_metrics(tags, step=step)
         return
-    Summary = proto[0]
+    summary = proto[0]
     join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
     values = [
-        Summary.Value(tag=f"{prefix}{join}{k}" if prefix else k, simple_value=float(v))
+        summary.Value(tag=f"{prefix}{join}{k}" if prefix else k, simple_value=float(v))
         for k, v in tags.items()
     ]
-    experiment._get_file_writer().add_summary(Summary(value=values), step)
+    experiment._get_file_writer().add_summary(summary(value=values), step)

@@ -409,7 +409,7 @@ class CurvatureMonitor(Callback):
         if self.should_compute(step) or (self._num_calls == 0 and self._fast_dev_run):
             self._pending = True
         if self._pending:
-            allowed = self.budget.allowed(t0 - self._t0 if self._t0 is not None else 0.0)
+            allowed = self.budget.allowed(self._elapsed(t0))
             if self.budget.fraction is not None and self._world_size > 1:
                 allowed = bool(trainer.strategy.broadcast(allowed, src=0))  # same on all ranks
             if allowed:
@@ -458,8 +458,10 @@ class CurvatureMonitor(Callback):
         return self.schedule(step)
 
     # ------------------------------------------------------------------ computation
-    def _elapsed(self) -> float:
-        return 0.0 if self._t0 is None else time.perf_counter() - self._t0
+    def _elapsed(self, now: float | None = None) -> float:
+        if self._t0 is None:
+            return 0.0
+        return (time.perf_counter() if now is None else now) - self._t0
 
     def _probe_batches(self, batch: Any) -> Any:
         if self.probe_data is not None:
@@ -474,7 +476,7 @@ class CurvatureMonitor(Callback):
         except (IndexError, KeyError, AttributeError, TypeError, RuntimeError):
             return None
 
-    def _mode_for(self, problem: CurvatureProblem) -> str:
+    def _product_mode(self) -> str:
         """The product mode for this call: the user's, or what ``"auto"`` learned before.
 
         Only a functional mode is learned (one ``"auto"`` fell back to or timed), so that it is
@@ -552,7 +554,7 @@ class CurvatureMonitor(Callback):
                 step=step,
                 lr=lr,
                 seed=self.seed,
-                hessian_mode=self._mode_for(problem),
+                hessian_mode=self._product_mode(),
                 batched_products=self._batched_products,
                 loss_fn=self._loss,
                 data=data,

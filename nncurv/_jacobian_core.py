@@ -151,6 +151,36 @@ def _state(module: nn.Module, keep_graph: bool) -> tuple[dict[str, Tensor], dict
     return params, buffers
 
 
+def _run_until(
+    model: nn.Module,
+    state: tuple[dict[str, Tensor], dict[str, Tensor]],
+    layer: nn.Module,
+    x: Tensor,
+    where: str,
+    *,
+    pre: bool,
+) -> Any:
+    """Run ``model`` functionally on ``x`` until ``layer`` and return what its hook saw.
+
+    With ``pre`` the ``(args, kwargs)`` the layer is called with, else its output; the forward
+    pass stops there.
+    """
+    holder: list[Any] = []
+
+    def hook(_m: nn.Module, *seen: Any) -> None:
+        holder.append(seen if pre else seen[-1])
+        raise _Stop
+
+    with _temporary_hook(layer, hook, pre=pre):
+        try:
+            functional_call(model, state, (x,))
+        except _Stop:
+            pass
+    if not holder:
+        raise ValueError(f"{where} was not called during the model's forward pass")
+    return holder[0]
+
+
 def _output_fn(
     model: nn.Module, layer: nn.Module, where: str, keep_graph: bool
 ) -> Callable[[Tensor], Tensor]:
@@ -163,22 +193,8 @@ def _output_fn(
 
         return run_model
 
-    holder: list[Any] = []
-
-    def hook(_m: nn.Module, _args: Any, out: Any) -> None:
-        holder.append(out)
-        raise _Stop
-
     def run_layer(x: Tensor) -> Tensor:
-        holder.clear()
-        with _temporary_hook(layer, hook, pre=False):
-            try:
-                functional_call(model, state, (x,))
-            except _Stop:
-                pass
-        if not holder:
-            raise ValueError(f"{where} was not called during the model's forward pass")
-        return _first_tensor(holder.pop(), where)
+        return _first_tensor(_run_until(model, state, layer, x, where, pre=False), where)
 
     return run_layer
 
@@ -186,21 +202,8 @@ def _output_fn(
 def _capture_layer_args(
     model: nn.Module, layer: nn.Module, x: Tensor, where: str, keep_graph: bool
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    state = _state(model, keep_graph)
-    holder: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
-
-    def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        holder.append((args, kwargs))
-        raise _Stop
-
-    with _temporary_hook(layer, pre_hook, pre=True):
-        try:
-            functional_call(model, state, (x,))
-        except _Stop:
-            pass
-    if not holder:
-        raise ValueError(f"{where} was not called during the model's forward pass")
-    return holder[0]
+    args, kwargs = _run_until(model, _state(model, keep_graph), layer, x, where, pre=True)
+    return args, kwargs
 
 
 @contextlib.contextmanager

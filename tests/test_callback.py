@@ -516,7 +516,7 @@ def test_trace_deflates_the_krylov_basis_of_the_top_eigenvalues():
     ctx.release()
 
 
-def test_learned_mode_respects_max_cached_batches_and_is_not_checkpointed(tmp_path):
+def test_learned_product_mode_matmat_strategy_and_probe_without_setup(tmp_path):
     """A verified "cached" is not pinned (auto re-chooses it for free, and only for few probe
     batches); a functional mode auto fell back to or timed is reused; the user's setting wins
     and is what the checkpoint holds; the matmat strategy is kept; probe collection needs no
@@ -529,15 +529,12 @@ def test_learned_mode_respects_max_cached_batches_and_is_not_checkpointed(tmp_pa
     assert cb._learned_mode is None
     assert cb._batched_products in (True, False)  # the deflated trace's matmat measured it
     assert cb.hessian_mode == "auto" and "hessian_mode" not in cb.state_dict()
-    from nncurv import CurvatureProblem
-
-    one = CurvatureProblem(model, model.loss_fn, (X, y))
-    assert cb._mode_for(one) == "auto"
+    assert cb._product_mode() == "auto"
     cb._learned_mode = "reverse-over-reverse"
-    assert cb._mode_for(one) == "reverse-over-reverse"
+    assert cb._product_mode() == "reverse-over-reverse"
     fixed = CurvatureMonitor(hessian_mode="cached")
     fixed._learned_mode = "reverse-over-reverse"
-    assert fixed._mode_for(one) == "cached"
+    assert fixed._product_mode() == "cached"
 
     by_hand = CurvatureMonitor(probe=2)
     for i in range(3):

@@ -191,7 +191,7 @@ def test_log_scalars_without_tensorboard_calls_log_metrics(monkeypatch):
     scalars through ``log_metrics``."""
     import nncurv.callbacks._tb as tb
 
-    monkeypatch.setattr(tb, "_SUMMARY", [None])
+    monkeypatch.setattr(tb, "_summary_types", lambda: None)
 
     class Plain:
         _prefix = ""

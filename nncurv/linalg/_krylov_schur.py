@@ -43,25 +43,12 @@ class KrylovOutput:
     projection: Tensor | None = None  # (m, m) V^T A V
 
 
-def select(theta: Tensor, k: int, which: str) -> Tensor:
-    """Indices of the ``k`` Ritz values wanted by ``which``, in that rule's order."""
-    m = theta.shape[0]
-    k = min(k, m)
-    if which == "LA":
-        return torch.argsort(theta, descending=True)[:k]
-    if which == "SA":
-        return torch.argsort(theta)[:k]
-    if which == "LM":
-        return torch.argsort(theta.abs(), descending=True)[:k]
-    # "BE": ceil(k/2) from the top, floor(k/2) from the bottom, returned in ascending order
-    order = torch.argsort(theta)
-    hi, lo = (k + 1) // 2, k // 2
-    idx = torch.cat([order[:lo], order[m - hi :]])
-    return idx
+def select(theta: list[float], k: int, which: str) -> list[int]:
+    """Indices of the ``k`` Ritz values wanted by ``which``, in that rule's order.
 
-
-def _select_list(theta: list[float], k: int, which: str) -> list[int]:
-    """:func:`select` on a host list of Ritz values (ascending, as ``eigh`` returns them)."""
+    ``theta`` is the host list of Ritz values in ascending order (as ``eigh`` returns them);
+    ``"BE"`` takes ``ceil(k/2)`` from the top and ``floor(k/2)`` from the bottom, ascending.
+    """
     m = len(theta)
     k = min(k, m)
     if which == "LA":
@@ -215,7 +202,7 @@ def krylov_schur(
         res = (C @ S).norm(dim=0) if nb > 0 else torch.zeros_like(theta)
         host = torch.cat([theta, res.to(theta.dtype)]).tolist()
         theta_l, res_l = host[:m], host[m:]
-        wanted_l = _select_list(theta_l, k, which)
+        wanted_l = select(theta_l, k, which)
         wanted = torch.tensor(wanted_l, dtype=torch.long, device=theta.device)
         if m >= k or nb == 0:
             floor = 1e3 * eps * max(hmax, abs(theta_l[0]), abs(theta_l[-1]))
@@ -229,7 +216,7 @@ def krylov_schur(
             break
         if m + nb > ncv:  # thick restart: keep the wanted Ritz vectors and some extra
             p = max(k, min(k + (ncv - k) // 2, ncv - b))
-            keep = select(theta, p, which)
+            keep = torch.tensor(select(theta_l, p, which), dtype=torch.long, device=theta.device)
             p = keep.shape[0]
             Sk = S[:, keep]
             new_basis = V[:, :m] @ Sk.to(op.dtype)

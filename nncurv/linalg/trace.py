@@ -59,6 +59,28 @@ def _sem(samples: Tensor) -> float:
     return float(samples.std() / math.sqrt(m))
 
 
+def _quadratic_samples(
+    op: LinearOperator,
+    count: int,
+    distribution: str,
+    gen: torch.Generator,
+    chunk_size: int,
+    basis: Tensor | None = None,
+) -> Tensor:
+    r"""``count`` Hutchinson samples :math:`z^\top A z`, probes drawn ``chunk_size`` at a time.
+
+    With an orthonormal ``basis`` :math:`V` the probes are projected first, :math:`z \to (I -
+    VV^\top) z`.
+    """
+    parts = [torch.zeros(0, dtype=op.dtype, device=op.device)]
+    for start in range(0, count, chunk_size):
+        Z = random_probes(op, min(chunk_size, count - start), distribution, gen)
+        if basis is not None and basis.shape[1]:
+            Z = Z - basis @ (basis.T @ Z)
+        parts.append((Z * op.matmat(Z)).sum(0))
+    return torch.cat(parts)
+
+
 def _finish(
     op: LinearOperator,
     est: Tensor,
@@ -139,12 +161,7 @@ def hutchinson_trace(
     check_int(chunk_size, "chunk_size", minimum=1)
     gen = make_generator(op, generator, seed)
     random_probes(op, 0, distribution, gen)  # validates `distribution` before any product
-    parts = []
-    for start in range(0, num_matvecs, chunk_size):
-        c = min(chunk_size, num_matvecs - start)
-        V = random_probes(op, c, distribution, gen)
-        parts.append((V * op.matmat(V)).sum(0))
-    samples = torch.cat(parts)
+    samples = _quadratic_samples(op, num_matvecs, distribution, gen, chunk_size)
     return _finish(op, samples.mean(), samples, _sem(samples), num_matvecs, t0, "hutchinson")
 
 
@@ -238,15 +255,8 @@ def deflated_hutchinson_trace(
         nmv += m
     else:
         exact = torch.as_tensor(basis_trace, dtype=op.dtype, device=op.device)
-    parts = []
-    for start in range(0, num_matvecs, chunk_size):
-        c = min(chunk_size, num_matvecs - start)
-        Z = random_probes(op, c, distribution, gen)
-        if m:
-            Z = Z - basis @ (basis.T @ Z)
-        parts.append((Z * op.matmat(Z)).sum(0))
+    samples = _quadratic_samples(op, num_matvecs, distribution, gen, chunk_size, basis)
     nmv += num_matvecs
-    samples = torch.cat(parts)
     return _finish(
         op, exact + samples.mean(), samples, _sem(samples), nmv, t0, "deflated-hutchinson"
     )
@@ -497,11 +507,8 @@ def _auto_trace(
     var_xtrace = _XTRACE_CALIBRATION * 2.0 * _loo_range_residual(Y) / s
     if var_xtrace < var_hutchinson:
         return _xtrace_finish(op, Om, Y, t0, "auto:xtrace")
-    parts = [h]
-    for start in range(s, num_matvecs, chunk_size):
-        V = random_probes(op, min(chunk_size, num_matvecs - start), distribution, gen)
-        parts.append((V * op.matmat(V)).sum(0))
-    samples = torch.cat(parts)
+    rest = _quadratic_samples(op, num_matvecs - s, distribution, gen, chunk_size)
+    samples = torch.cat([h, rest])
     return _finish(op, samples.mean(), samples, _sem(samples), num_matvecs, t0, "auto:hutchinson")
 
 
