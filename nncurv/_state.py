@@ -55,7 +55,8 @@ def untouched(*modules: nn.Module) -> Iterator[None]:
     for root in modules:
         for m in root.modules():
             saved.append((m, m.training, getattr(m, "track_running_stats", None)))
-    accel = _devices_of(modules)
+    # no tensor lives on a CUDA device before CUDA is initialised: skip the scan then
+    accel = _devices_of(modules) if torch.cuda.is_initialized() else []
     cuda_devices = [d for d in accel if d.type == "cuda"]
     try:
         with (

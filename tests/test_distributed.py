@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import warnings
 
 import pytest
@@ -17,12 +15,6 @@ from nncurv import CurvatureProblem, GGNOperator, HessianOperator
 pytestmark = pytest.mark.distributed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _data(reduction: str) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
@@ -31,10 +23,9 @@ def _data(reduction: str) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Ten
     return model, nn.CrossEntropyLoss(reduction=reduction), X, y
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+def _worker(rank: int, world: int, store: str, out: str) -> None:
+    # a file rendezvous: no fixed port that another process could take in the meantime
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         results = {}
         for reduction in ["mean", "sum"]:
@@ -63,7 +54,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 def test_two_gloo_ranks_equal_single_process_on_union(tmp_path):
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
     got = torch.load(out)
     for reduction in ["mean", "sum"]:
         model, loss_fn, X, y = _data(reduction)

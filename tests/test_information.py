@@ -619,12 +619,11 @@ def _dist_data() -> tuple[nn.Module, Tensor, Tensor]:
     return model, X, torch.randint(0, 3, (13,), generator=gen)
 
 
-def _dist_worker(rank: int, world: int, port: int, out: str) -> None:
+def _dist_worker(rank: int, world: int, store: str, out: str) -> None:
     import torch.distributed as dist
 
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no fixed port that another process could take in the meantime
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         model, X, y = _dist_data()
         idx = torch.arange(rank, 13, world)  # 7 and 6 samples
@@ -646,15 +645,10 @@ def _dist_worker(rank: int, world: int, port: int, out: str) -> None:
 
 @pytest.mark.distributed
 def test_two_gloo_ranks_count_all_samples(tmp_path) -> None:
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = int(s.getsockname()[1])
     out = str(tmp_path / "rank0.pt")
-    mp.spawn(_dist_worker, args=(2, port, out), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
     got = torch.load(out)
     model, X, y = _dist_data()
     info = observed_information(model, nn.CrossEntropyLoss(), (X, y), reduction="mean")
