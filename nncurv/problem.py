@@ -321,7 +321,8 @@ class CurvatureProblem:
         value = self.output_loss(self.output(params, batch), batch)
         if not isinstance(value, Tensor) or value.ndim != 0:
             self._raise_not_scalar(value)
-        return value * batch.weight
+        # a single batch (or a summed loss) has weight 1: no extra node in the (double) backward
+        return value if batch.weight == 1.0 else value * batch.weight
 
     def _check_loss(self) -> None:
         it = self.batches()
