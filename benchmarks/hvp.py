@@ -144,7 +144,8 @@ def main() -> None:
     print("\n## Ratios (default mode 'auto')")
     print("| model | auto picks | repeated product / PyHessian product (≤ 1) | "
           "single product, default mode / gradient (≤ 3) | best single product / gradient | "
-          "PyHessian's recipe, single product / gradient | matmat8 per column / product |")  # fmt: skip
+          "PyHessian's recipe, single product / gradient | "
+          "matmat8 per column / product |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         singles = [r[f"{m}:single"] for m in MODES if not isinstance(r[f"{m}:single"], str)]

@@ -149,6 +149,8 @@ class CurvatureMonitor(Callback):
             ``trainer.validate()``), on the first validation batch, under ``prefix + "val/"``.
         overhead_budget: Cap on the callback's time as a fraction of the training time without
             it (``0.05``: at most 5 % slower); scheduled calls that would exceed it are postponed.
+            The callback's time counts its calls, its per-step hooks and the slowdown of the
+            step right after each call (see :class:`~nncurv.callbacks.OverheadBudget`).
         autocast: Run under the trainer's precision context instead of disabling autocast.
         prefix: Tag prefix.
         seed: Base seed of the probe vectors.
@@ -401,6 +403,7 @@ class CurvatureMonitor(Callback):
         # every step passes here: kept to a few microseconds, and its time counts as the
         # callback's in the overhead budget
         t0 = time.perf_counter()
+        self.budget.tick(t0)
         self._last_batch = batch
         step = trainer.global_step
         if step <= self._last_step:
@@ -413,7 +416,7 @@ class CurvatureMonitor(Callback):
             if self.budget.fraction is not None and self._world_size > 1:
                 allowed = bool(trainer.strategy.broadcast(allowed, src=0))  # same on all ranks
             if allowed:
-                self._run(trainer, pl_module, batch, step)
+                self._run(trainer, pl_module, batch, step, at_step=True)
                 return
             self.budget.skipped += 1
             if "budget" not in self._warned:
@@ -506,6 +509,7 @@ class CurvatureMonitor(Callback):
         *,
         data: Any = None,
         group: str = "",
+        at_step: bool = False,
     ) -> None:
         if self._loss is None:  # hooks called without setup (e.g. by hand)
             self.setup(trainer, pl_module, "fit")
@@ -514,8 +518,10 @@ class CurvatureMonitor(Callback):
         out = self._compute(trainer, pl_module, data or self._probe_batches(batch), step)
         self._log(trainer, out, step, group, time.perf_counter() - t0)
         _sync(pl_module)
-        seconds = time.perf_counter() - t0
-        self.budget.record(seconds)
+        end = time.perf_counter()
+        seconds = end - t0
+        # a call at a training step: the budget also measures the slower step after it
+        self.budget.record(seconds, now=end if at_step else None)
         self._pending = False
         self._num_calls += 1
         self._last_computed = max(self._last_computed, step)

@@ -247,6 +247,37 @@ def test_overhead_budget_unit():
     assert OverheadBudget(None).allowed(0.0)
 
 
+def test_overhead_budget_counts_the_slower_step_after_a_call():
+    b = OverheadBudget(0.05)
+    t = 0.0
+    for _ in range(20):  # steps of 1 s, except one slow outlier the median ignores
+        t += 1.0
+        b.tick(t)
+    t += 7.0
+    b.tick(t)
+    b.record(4.0, now=t + 4.0)  # a call at a training step
+    t += 4.0
+    b.tick(t + 1.3)  # the step after it: 0.3 s slower than the median step
+    assert b.spent == pytest.approx(4.3) and b.aftermath == pytest.approx(0.3)
+    b.tick(t + 2.3)  # later steps are not the call's
+    assert b.spent == pytest.approx(4.3)
+    # capped at half the call's cost (an interval spanning e.g. a validation loop)
+    b.record(2.0, now=t + 3.0)
+    b.tick(t + 100.0)
+    assert b.aftermath == pytest.approx(0.3 + 1.0)
+    # a call that is not at a training step (validation, fit end) has no aftermath
+    b.record(1.0)
+    b.tick(t + 200.0)
+    assert b.aftermath == pytest.approx(1.3)
+    # too few steps to know a typical one: nothing is counted
+    c = OverheadBudget(0.05)
+    c.tick(0.0)
+    c.tick(1.0)
+    c.record(1.0, now=2.0)
+    c.tick(10.0)
+    assert c.aftermath == 0.0 and c.spent == 1.0
+
+
 def test_overhead_budget_spaces_calls_out(tmp_path):
     X, y = regression_data(64, 3)
     spy = SpyLogger(str(tmp_path))
