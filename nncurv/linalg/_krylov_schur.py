@@ -140,8 +140,11 @@ def krylov_schur(
     # (n, ncv) layout; rows are read only after they are written
     Vt = torch.empty(ncv + b, n, dtype=op.dtype, device=dev)
     H = torch.zeros(ncv + b, ncv + b, dtype=work_dtype, device=dev)
-    Q0, _ = torch.linalg.qr(start)
-    Vt[:b] = Q0.T
+    if b == 1:  # (a QR of one column is its normalisation)
+        Vt[0] = start[:, 0] / start[:, 0].norm()
+    else:
+        Q0, _ = torch.linalg.qr(start)
+        Vt[:b] = Q0.T
     m = 0  # processed columns
     bw = b  # width of the pending block Vt[m:m+bw]
     nmv = 0
@@ -150,7 +153,7 @@ def krylov_schur(
     theta = torch.zeros(0, dtype=work_dtype, device=dev)
     S = torch.zeros(0, 0, dtype=work_dtype, device=dev)
     res = torch.zeros(0, dtype=work_dtype, device=dev)
-    wanted = torch.zeros(0, dtype=torch.long, device=dev)
+    wanted_l: list[int] = []
     converged = False
     while True:
         block = Vt[m : m + bw]
@@ -210,7 +213,6 @@ def krylov_schur(
         host = torch.cat([theta, res.to(theta.dtype)]).tolist()
         theta_l, res_l = host[:m], host[m:]
         wanted_l = select(theta_l, k, which)
-        wanted = torch.tensor(wanted_l, dtype=torch.long, device=theta.device)
         if m >= k or nb == 0:
             floor = 1e3 * eps * max(hmax, abs(theta_l[0]), abs(theta_l[-1]))
             if m >= k and all(res_l[i] <= tol * abs(theta_l[i]) + floor for i in wanted_l):
@@ -236,6 +238,7 @@ def krylov_schur(
             H[p : p + nb, :p] = Cn
             m = p
         bw = nb
+    wanted = torch.tensor(wanted_l, dtype=torch.long, device=theta.device)
     vectors = Vt[:m].T @ S[:, wanted].to(op.dtype) if return_vectors else None
     Hm = H[:m, :m]
     return KrylovOutput(
