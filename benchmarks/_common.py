@@ -85,19 +85,33 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
 
 
 def timeit_many(
-    fns: dict[str, Callable[[], object]], repeat: int = 5, warmup: int = 1
+    fns: dict[str, Callable[[], object]],
+    repeat: int = 5,
+    warmup: int = 1,
+    min_sample_seconds: float = 0.0,
 ) -> dict[str, float]:
     """Median wall time of each function, measured round-robin so that all share the same
-    machine conditions (side by side, not one after the other)."""
-    for fn in fns.values():
+    machine conditions (side by side, not one after the other).
+
+    With ``min_sample_seconds > 0`` a function faster than that runs several times in a row per
+    sample (the mean of those calls is one sample, as ``timeit`` does), so that a millisecond
+    call is not timed right after a different, larger one alone (cache effects of the
+    neighbour otherwise dominate).
+    """
+    inner: dict[str, int] = {}
+    for k, fn in fns.items():
+        t0 = time.perf_counter()
         for _ in range(warmup):
             fn()
+        per_call = (time.perf_counter() - t0) / max(warmup, 1)
+        inner[k] = max(1, min(50, int(min_sample_seconds / max(per_call, 1e-9))))
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeat):
         for k, fn in fns.items():
             t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            for _ in range(inner[k]):
+                fn()
+            times[k].append((time.perf_counter() - t0) / inner[k])
     return {k: statistics.median(v) for k, v in times.items()}
 
 

@@ -4,7 +4,9 @@ For each model: time per gradient (forward + backward), per HVP in each mode (a 
 from scratch, and repeated products at fixed parameters), per ``matmat`` of 8 columns, and the
 peak memory of that ``matmat`` with chunks of 8 and of 2 columns. The baseline is written the
 way PyHessian does it: ``autograd.grad(create_graph=True)`` once, then one ``autograd.grad`` per
-product.
+product; the same recipe from scratch (graph plus one product) is timed too. All functions are
+timed round-robin; one sample of a fast function is the mean of as many consecutive calls as fit
+in 30 ms, so that a millisecond call is not timed right after a much larger neighbour alone.
 
 Run: ``.venv/bin/python benchmarks/hvp.py`` (``--quick`` skips the ResNet-18).
 """
@@ -105,7 +107,7 @@ def bench(name, model, loss_fn, data, kwargs, repeat) -> dict[str, float | str]:
             if mode != auto.mode:
                 fns.pop(f"{mode}:repeated", None)
                 row[f"{mode}:single"] = row[f"{mode}:repeated"] = "skipped"
-    row.update(timeit_many(fns, repeat))
+    row.update(timeit_many(fns, repeat, warmup=2, min_sample_seconds=0.03))
     for mode in MODES:
         row.setdefault(f"{mode}:single", "skipped")
         row.setdefault(f"{mode}:repeated", "skipped")
