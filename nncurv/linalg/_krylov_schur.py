@@ -133,13 +133,17 @@ def krylov_schur(
     """
     n = op.shape[0]
     b = start.shape[1]
-    work_dtype = torch.float64 if op.dtype != torch.float64 else op.dtype
     dev = op.device
     # the basis is stored by rows (Vt = V^T): every basis vector is contiguous, which makes the
     # reorthogonalisation products and the column writes several times faster than a strided
     # (n, ncv) layout; rows are read only after they are written
     Vt = torch.empty(ncv + b, n, dtype=op.dtype, device=dev)
-    H = torch.zeros(ncv + b, ncv + b, dtype=work_dtype, device=dev)
+    # the small projected problem lives on the host in float64: its entries arrive with the one
+    # synchronisation per step that the convergence test needs anyway, and the tiny eigh runs
+    # there (an accelerator would spend a kernel launch and a sync on each of its small ops)
+    host = torch.device("cpu")
+    f64 = torch.float64
+    H = torch.zeros(ncv + b, ncv + b, dtype=f64)
     if b == 1:  # (a QR of one column is its normalisation)
         Vt[0] = start[:, 0] / start[:, 0].norm()
     else:
@@ -150,9 +154,9 @@ def krylov_schur(
     nmv = 0
     eps = torch.finfo(op.dtype).eps
     sym_tol = sym_tolerance(op.dtype)
-    theta = torch.zeros(0, dtype=work_dtype, device=dev)
-    S = torch.zeros(0, 0, dtype=work_dtype, device=dev)
-    res = torch.zeros(0, dtype=work_dtype, device=dev)
+    theta = torch.zeros(0, dtype=f64)
+    S = torch.zeros(0, 0, dtype=f64)
+    res = torch.zeros(0, dtype=f64)
     wanted_l: list[int] = []
     converged = False
     while True:
@@ -162,42 +166,41 @@ def krylov_schur(
         else:
             Wt = op.matvec(block[0]).unsqueeze(0)
         nmv += bw
-        scale = float(Wt.norm(dim=1).max())
-        if not math.isfinite(scale):
-            raise NonFiniteError(
-                f"the operator produced NaN or Inf at product {nmv}; no eigenvalues reported"
-            )
+        scale_t = Wt.norm(dim=1).max()
         Vc = Vt[: m + bw]
         h = Vc @ Wt.T
         Wt = Wt - h.T @ Vc
         h2 = Vc @ Wt.T
         Wt = Wt - h2.T @ Vc
         h = h + h2
-        H[: m + bw, m : m + bw] = h.to(work_dtype)
         m_old, m = m, m + bw
         dims_left = n - m
-        if dims_left > 0:
-            nb = min(b, dims_left)
-            nrm = Wt.norm() if b == 1 else None
-            if nrm is not None and float(nrm) > 1e-3 * scale:
+        nb = min(b, dims_left)
+        # one synchronisation: the product's scale, the new column of H and, for Lanczos, the
+        # norm of the next vector
+        nrm = Wt.norm() if b == 1 and nb else None
+        parts = [scale_t.reshape(1), h.reshape(-1)] + ([nrm.reshape(1)] if nrm is not None else [])
+        vals = torch.cat(parts).to(host, f64)
+        scale = float(vals[0])
+        if not math.isfinite(scale):
+            raise NonFiniteError(
+                f"the operator produced NaN or Inf at product {nmv}; no eigenvalues reported"
+            )
+        H[:m, m_old:m] = vals[1 : 1 + m * bw].reshape(m, bw)
+        if nb:
+            if nrm is not None and float(vals[-1]) > 1e-3 * scale:
                 # Lanczos, healthy step: W was orthogonalised twice above ("twice is enough",
                 # Giraud et al. 2005), so it only needs normalising
-                Qn, Rn = Wt / nrm, nrm.reshape(1, 1)
+                Vt[m] = Wt[0] / nrm
+                H[m, m_old] = vals[-1]
             else:  # a block, or a (near) breakdown: the careful path
                 Q, Rn = _orthonormalise_block(Wt.T, Vt[:m].T, generator, nb, scale)
-                Qn = Q.T
-            Vt[m : m + nb] = Qn
-            H[m : m + nb, m_old:m] = Rn.to(work_dtype)
-        else:
-            nb = 0
-        # convergence and sanity tests on the small projected problem (host synchronisations:
-        # one for the sanity scalars, one for the Ritz values and residual norms)
+                Vt[m : m + nb] = Q.T
+                H[m : m + nb, m_old:m] = Rn.to(host, f64)
+        # convergence and sanity tests on the small projected problem, on the host
         Hm = H[:m, :m]
-        if m_old:
-            asym_t = (H[:m_old, m_old:m] - H[m_old:m, :m_old].T).abs().max()
-            hmax, asym = torch.stack([Hm.abs().max(), asym_t]).tolist()
-        else:
-            hmax, asym = float(Hm.abs().max()), 0.0
+        hmax = float(Hm.abs().max())
+        asym = float((H[:m_old, m_old:m] - H[m_old:m, :m_old].T).abs().max()) if m_old else 0.0
         if hmax != hmax or hmax == float("inf"):
             raise NonFiniteError(
                 f"the operator produced NaN or Inf after {nmv} products; no eigenvalues reported"
@@ -210,8 +213,7 @@ def krylov_schur(
         theta, S = torch.linalg.eigh((Hm + Hm.T) / 2)
         C = H[m : m + nb, :m]
         res = (C @ S).norm(dim=0) if nb > 0 else torch.zeros_like(theta)
-        host = torch.cat([theta, res.to(theta.dtype)]).tolist()
-        theta_l, res_l = host[:m], host[m:]
+        theta_l, res_l = theta.tolist(), res.tolist()
         wanted_l = select(theta_l, k, which)
         if m >= k or nb == 0:
             floor = 1e3 * eps * max(hmax, abs(theta_l[0]), abs(theta_l[-1]))
@@ -225,10 +227,10 @@ def krylov_schur(
             break
         if m + nb > ncv:  # thick restart: keep the wanted Ritz vectors and some extra
             p = max(k, min(k + (ncv - k) // 2, ncv - b))
-            keep = torch.tensor(select(theta_l, p, which), dtype=torch.long, device=theta.device)
-            p = keep.shape[0]
+            keep = select(theta_l, p, which)
+            p = len(keep)
             Sk = S[:, keep]
-            new_basis = Sk.T.to(op.dtype) @ Vt[:m]
+            new_basis = Sk.T.to(dev, op.dtype) @ Vt[:m]
             nxt = Vt[m : m + nb].clone()
             Vt[:p] = new_basis
             Vt[p : p + nb] = nxt
@@ -238,15 +240,15 @@ def krylov_schur(
             H[p : p + nb, :p] = Cn
             m = p
         bw = nb
-    wanted = torch.tensor(wanted_l, dtype=torch.long, device=theta.device)
-    vectors = Vt[:m].T @ S[:, wanted].to(op.dtype) if return_vectors else None
+    wanted = torch.tensor(wanted_l, dtype=torch.long)
+    vectors = Vt[:m].T @ S[:, wanted].to(dev, op.dtype) if return_vectors else None
     Hm = H[:m, :m]
     return KrylovOutput(
-        theta=theta[wanted].to(op.dtype),
+        theta=theta[wanted].to(dev, op.dtype),
         vectors=vectors,
-        residuals=res[wanted].to(op.dtype),
+        residuals=res[wanted].to(dev, op.dtype),
         converged=converged,
         num_matvecs=nmv,
         basis=Vt[:m].T if return_basis else None,  # a view: no copy of a large basis
-        projection=((Hm + Hm.T) / 2).to(op.dtype) if return_basis else None,
+        projection=((Hm + Hm.T) / 2).to(dev, op.dtype) if return_basis else None,
     )
