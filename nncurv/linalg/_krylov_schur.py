@@ -166,13 +166,14 @@ def krylov_schur(
         else:
             Wt = op.matvec(block[0]).unsqueeze(0)
         nmv += bw
-        scale_t = Wt.norm(dim=1).max()
+        scale_t = Wt.norm() if bw == 1 else Wt.norm(dim=1).max()
         Vc = Vt[: m + bw]
+        # classical Gram-Schmidt twice, each pass one product and one fused update
         h = Vc @ Wt.T
-        Wt = Wt - h.T @ Vc
+        Wt = torch.addmm(Wt, h.T, Vc, alpha=-1)
         h2 = Vc @ Wt.T
-        Wt = Wt - h2.T @ Vc
-        h = h + h2
+        Wt = torch.addmm(Wt, h2.T, Vc, alpha=-1)
+        h += h2
         m_old, m = m, m + bw
         dims_left = n - m
         nb = min(b, dims_left)
@@ -191,7 +192,7 @@ def krylov_schur(
             if nrm is not None and float(vals[-1]) > 1e-3 * scale:
                 # Lanczos, healthy step: W was orthogonalised twice above ("twice is enough",
                 # Giraud et al. 2005), so it only needs normalising
-                Vt[m] = Wt[0] / nrm
+                torch.div(Wt[0], nrm, out=Vt[m])
                 H[m, m_old] = vals[-1]
             else:  # a block, or a (near) breakdown: the careful path
                 Q, Rn = _orthonormalise_block(Wt.T, Vt[:m].T, generator, nb, scale)
