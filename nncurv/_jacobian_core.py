@@ -202,8 +202,7 @@ def _output_fn(
 def _capture_layer_args(
     model: nn.Module, layer: nn.Module, x: Tensor, where: str, keep_graph: bool
 ) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    args, kwargs = _run_until(model, _state(model, keep_graph), layer, x, where, pre=True)
-    return args, kwargs
+    return _run_until(model, _state(model, keep_graph), layer, x, where, pre=True)
 
 
 @contextlib.contextmanager

@@ -190,9 +190,12 @@ class _Evaluator:
         return torch.stack(rows)
 
     def values_fn(
-        self, batch: Batch, frac: float, plan: AffinePlan | None = None
+        self,
+        batch: Batch,
+        values: Callable[[Tensor], Tensor],
+        plan: AffinePlan | None = None,
     ) -> Callable[[Tensor, dict[str, Tensor]], Tensor]:
-        """Loss and metrics of one point on ``batch``.
+        """Loss and metrics of one point on ``batch``; ``values`` from :meth:`values_of_output`.
 
         With ``plan``, from the precomputed first-layer outputs (``num_evaluations`` still
         counts one per point).
@@ -217,8 +220,6 @@ class _Evaluator:
                 state = {**fixed, **_point(center, dirs, c)}
                 return plan.rest_output(problem, state, extra["z"])
 
-        values = self.values_of_output(batch, frac)
-
         def f(c: Tensor, bn_state: dict[str, Tensor]) -> Tensor:
             return values(output(c, bn_state))
 
@@ -242,16 +243,17 @@ class _Evaluator:
         return values
 
     def run_batched_mlp(
-        self, plan: AffinePlan, batch: Batch, frac: float, C: Tensor, z: Tensor
+        self, plan: AffinePlan, values: Callable[[Tensor], Tensor], C: Tensor, z: Tensor
     ) -> Tensor | None:
         """Values of a chunk through :meth:`AffinePlan.rest_outputs_batched`.
 
-        ``None`` when the loss or a metric cannot be vmapped over the outputs (the caller then
-        takes the vmapped ``functional_call`` path).
+        ``values`` is :meth:`values_of_output` of the batch. ``None`` when the loss or a metric
+        cannot be vmapped over the outputs (the caller then takes the vmapped
+        ``functional_call`` path).
         """
         out = plan.rest_outputs_batched(self.problem, self.center, self.dirs, C, z)
         try:
-            vals = vmap(self.values_of_output(batch, frac), randomness="same")(out)
+            vals = vmap(values, randomness="same")(out)
         except (RuntimeError, NotImplementedError, ValueError):
             return None
         self.evals += C.shape[0]
@@ -409,7 +411,9 @@ def evaluate_points(
                 if plan is not None and isinstance(batch.inputs, Tensor):
                     first = plan.first_outputs(problem, center, directions, batch)
                 used_plan |= first is not None
-                fn = ev.values_fn(batch, batch.size / N, plan if first is not None else None)
+                # once per batch: the loss formula inspects the targets
+                values = ev.values_of_output(batch, batch.size / N)
+                fn = ev.values_fn(batch, values, plan if first is not None else None)
                 batched = (
                     first is not None
                     and plan is not None
@@ -425,7 +429,7 @@ def evaluate_points(
                     vals = None
                     if batched:
                         assert plan is not None and first is not None
-                        vals = ev.run_batched_mlp(plan, batch, batch.size / N, C[sl], first(C[sl]))
+                        vals = ev.run_batched_mlp(plan, values, C[sl], first(C[sl]))
                         batched = vals is not None
                         used_mlp |= batched
                     if vals is None:

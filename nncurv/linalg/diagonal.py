@@ -136,29 +136,51 @@ def hutchinson_diagonal(
     check_int(chunk_size, "chunk_size", minimum=1)
     gen = make_generator(op, generator, seed)
     random_probes(op, 0, distribution, gen)
-    n = op.shape[0]
-    total = torch.zeros(n, dtype=op.dtype, device=op.device)
+    est, se = _hutchinson_moments(op, num_matvecs, distribution, gen, chunk_size)
+    return _finish(op, est, se, num_matvecs, t0, "hutchinson")
+
+
+def _hutchinson_moments(
+    op: LinearOperator,
+    num_matvecs: int,
+    distribution: str,
+    gen: torch.Generator,
+    chunk_size: int,
+    first: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Mean and standard error of ``num_matvecs`` Hutchinson samples :math:`v \odot Av`.
+
+    The columns of ``first`` are samples already computed; fresh probes make up the rest,
+    ``chunk_size`` at a time. Running sums (shifted by the first chunk's mean, for a stable
+    variance) keep the memory at a few ``n``-vectors whatever the number of samples.
+    """
+    total = torch.zeros(op.shape[0], dtype=op.dtype, device=op.device)
     total_sq = torch.zeros_like(total)
-    shift: Tensor | None = None  # first chunk's mean, for a stable running variance
-    for start in range(0, num_matvecs, chunk_size):
-        c = min(chunk_size, num_matvecs - start)
-        V = random_probes(op, c, distribution, gen)
-        X = V * op.matmat(V)
+    shift: Tensor | None = None
+
+    def add(X: Tensor) -> None:
+        nonlocal shift
         if shift is None:
             shift = X.mean(dim=1)
         Xc = X - shift[:, None]
-        total += Xc.sum(dim=1)
-        total_sq += (Xc * Xc).sum(dim=1)
+        total.add_(Xc.sum(dim=1))
+        total_sq.add_((Xc * Xc).sum(dim=1))
+
+    done = 0
+    if first is not None:
+        add(first)
+        done = first.shape[1]
+    for start in range(done, num_matvecs, chunk_size):
+        V = random_probes(op, min(chunk_size, num_matvecs - start), distribution, gen)
+        add(V * op.matmat(V))
     assert shift is not None
     m = num_matvecs
     mean_c = total / m
     est = shift + mean_c
     if m < 2:
-        se = torch.full_like(est, float("inf"))
-    else:
-        var = ((total_sq - m * mean_c * mean_c) / (m - 1)).clamp_min(0.0)
-        se = (var / m).sqrt()
-    return _finish(op, est, se, m, t0, "hutchinson")
+        return est, torch.full_like(est, float("inf"))
+    var = ((total_sq - m * mean_c * mean_c) / (m - 1)).clamp_min(0.0)
+    return est, (var / m).sqrt()
 
 
 def xdiag(
@@ -270,12 +292,8 @@ def _auto_diagonal(
     var_xdiag = _loo_range_residual(Y) / s
     if var_xdiag < var_hutchinson:
         return _xdiag_finish(op, Om, Y, t0, "auto:xdiag")
-    parts = [X]
-    for start in range(s, num_matvecs, chunk_size):
-        V = random_probes(op, min(chunk_size, num_matvecs - start), "rademacher", gen)
-        parts.append(V * op.matmat(V))
-    samples = torch.cat(parts, dim=1)
-    return _finish(op, samples.mean(1), _sem(samples), num_matvecs, t0, "auto:hutchinson")
+    est, se = _hutchinson_moments(op, num_matvecs, "rademacher", gen, chunk_size, first=X)
+    return _finish(op, est, se, num_matvecs, t0, "auto:hutchinson")
 
 
 def diagonal(

@@ -504,6 +504,7 @@ def _auto_trace(
     # measured variance was 1.5-1.7x the prediction on the benchmark MLP and the 21.5k CNN
     # Hessian (and as predicted on outlier spectra), so XTrace must be predicted better by
     # that factor; a wrong pick of Hutchinson then costs little where XTrace's gain is small
+    # (the prediction needs only R; Q, twice the work, is formed if XTrace is completed)
     var_xtrace = _XTRACE_CALIBRATION * 2.0 * _loo_range_residual(Y) / s
     if var_xtrace < var_hutchinson:
         return _xtrace_finish(op, Om, Y, t0, "auto:xtrace")
