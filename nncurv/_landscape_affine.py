@@ -93,35 +93,6 @@ class AffinePlan:
             return nn.functional.linear(x, weight, bias)
         return self.layer._conv_forward(x, weight, bias)  # type: ignore[operator]
 
-    def base_outputs(
-        self,
-        problem: CurvatureProblem,
-        center: Mapping[str, Tensor],
-        dirs: Sequence[Mapping[str, Tensor]],
-        batch: Batch,
-    ) -> tuple[Tensor, list[Tensor | None]]:
-        """``L(x; W_0, b_0)`` and ``L(x; D_j W, D_j b)`` (``None`` where ``D_j`` is zero there)."""
-        x = batch.inputs
-        fixed = problem._fixed  # the state problem.output uses for unselected entries
-
-        def value(name: str | None, src: Mapping[str, Tensor]) -> Tensor | None:
-            if name is None:
-                return None
-            return src[name] if name in src else fixed.get(name)
-
-        z0 = self.apply_layer(x, value(self.weight, center), value(self.bias, center))  # type: ignore[arg-type]
-        zs: list[Tensor | None] = []
-        for d in dirs:
-            dw = d.get(self.weight)
-            db = d.get(self.bias) if self.bias is not None else None
-            if dw is None and db is None:
-                zs.append(None)
-                continue
-            if dw is None:
-                dw = torch.zeros_like(value(self.weight, center))  # type: ignore[arg-type]
-            zs.append(self.apply_layer(x, dw, db))
-        return z0, zs
-
     def first_outputs(
         self,
         problem: CurvatureProblem,
@@ -131,18 +102,37 @@ class AffinePlan:
     ) -> Callable[[Tensor], Tensor] | None:
         """A map from a ``(P, k)`` chunk of coefficients to the first layer's ``(P, ...)`` outputs.
 
-        One matrix product ``[1, c] @ [z_0; z_1; …]`` per chunk (with ``k = 2`` on the digits
-        MLP about 2.3x faster on CPU than copying ``z_0`` and adding ``c_j z_j`` in place: the
-        output is written once). ``None`` when an output is not finite (e.g. a direction so
-        large that ``L(x; D)`` overflows, where ``0 · inf`` would turn the centre into NaN): the
-        caller then takes the generic path.
+        ``z_0 = L(x; W_0, b_0)`` and ``z_j = L(x; D_j W, D_j b)`` are computed once (``z_j``
+        only where direction ``j`` has an entry for the layer), then one matrix product
+        ``[1, c] @ [z_0; z_1; …]`` per chunk (with ``k = 2`` on the digits MLP about 2.3x faster
+        on CPU than copying ``z_0`` and adding ``c_j z_j`` in place: the output is written
+        once). ``None`` when an output is not finite (e.g. a direction so large that
+        ``L(x; D)`` overflows, where ``0 · inf`` would turn the centre into NaN): the caller
+        then takes the generic path.
         """
-        z0, zs = self.base_outputs(problem, center, dirs, batch)
-        terms = [(j, z) for j, z in enumerate(zs) if z is not None]
-        if not all(bool(torch.isfinite(z).all()) for z in [z0] + [z for _, z in terms]):
+        x = batch.inputs
+        fixed = problem._fixed  # the state problem.output uses for unselected entries
+
+        def value(name: str | None) -> Tensor | None:
+            if name is None:
+                return None
+            return center[name] if name in center else fixed.get(name)
+
+        z0 = self.apply_layer(x, value(self.weight), value(self.bias))  # type: ignore[arg-type]
+        zs: list[Tensor] = []
+        cols: list[int] = []
+        for j, d in enumerate(dirs):
+            dw = d.get(self.weight)
+            db = d.get(self.bias) if self.bias is not None else None
+            if dw is None and db is None:
+                continue  # this direction leaves the layer alone
+            if dw is None:
+                dw = torch.zeros_like(value(self.weight))  # type: ignore[arg-type]
+            zs.append(self.apply_layer(x, dw, db))
+            cols.append(j)
+        if not all(bool(torch.isfinite(z).all()) for z in [z0, *zs]):
             return None  # one check per batch
-        stacked = torch.stack([z0] + [z for _, z in terms]).reshape(1 + len(terms), -1)
-        cols = [j for j, _ in terms]
+        stacked = torch.stack([z0, *zs]).reshape(1 + len(zs), -1)
 
         def f(C: Tensor) -> Tensor:
             coef = torch.cat([torch.ones_like(C[:, :1]), C[:, cols]], dim=1).to(z0.dtype)
