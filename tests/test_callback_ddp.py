@@ -47,28 +47,38 @@ class RankSampler(torch.utils.data.Sampler):
 def test_two_ranks_log_the_values_of_the_union_batch(tmp_path):
     X, y = regression_data(32, 4)
     model = Regression(4, lr=0.0)
-    cb = CurvatureMonitor(
-        metrics=[
-            TopEigenvalues(2, tol=1e-10),
-            MinEigenvalue(tol=1e-10),
-            "trace",
-            "gradient",
-            LayerCurvature(tol=1e-10),
-        ],
-        every_n_steps=2,
-        overhead_budget=10.0,  # never binding, but the decision is broadcast from rank 0
-    )
-    trainer = make_trainer(
-        tmp_path,
-        [cb],
-        max_steps=4,
-        precision="64-true",
-        strategy="ddp_spawn",
-        devices=2,
-        use_distributed_sampler=False,
-    )
     data = torch.utils.data.TensorDataset(X, y)
-    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4, sampler=RankSampler(32)))
+    for attempt in range(2):
+        cb = CurvatureMonitor(
+            metrics=[
+                TopEigenvalues(2, tol=1e-10),
+                MinEigenvalue(tol=1e-10),
+                "trace",
+                "gradient",
+                LayerCurvature(tol=1e-10),
+            ],
+            every_n_steps=2,
+            overhead_budget=10.0,  # never binding, but the decision is broadcast from rank 0
+        )
+        trainer = make_trainer(
+            tmp_path / f"run{attempt}",
+            [cb],
+            max_steps=4,
+            precision="64-true",
+            strategy="ddp_spawn",
+            devices=2,
+            use_distributed_sampler=False,
+        )
+        try:
+            trainer.fit(
+                model, torch.utils.data.DataLoader(data, batch_size=4, sampler=RankSampler(32))
+            )
+            break
+        except Exception as err:
+            # Lightning picks a free port that the ranks bind later; another process on the
+            # machine can take it in between: then (only then) once more with a new port
+            if attempt or "address already in use" not in str(err).lower():
+                raise
 
     # rank r reads samples r, r+2, ...: the first batches of the two ranks (the fixed probes)
     # together hold samples 0..7.
@@ -85,7 +95,7 @@ def test_two_ranks_log_the_values_of_the_union_batch(tmp_path):
         "gradient/curvature": g @ H @ g / (g @ g),
         "layer/lin/top_eig": lam[-1],
     }
-    events = glob.glob(f"{tmp_path}/**/events.out.tfevents.*", recursive=True)
+    events = glob.glob(f"{tmp_path}/run{attempt}/**/events.out.tfevents.*", recursive=True)
     assert len(events) == 1, events  # only rank 0 writes
     scalars, _ = read_events(trainer.logger.log_dir)
     for key, ref in expected.items():
