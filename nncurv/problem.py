@@ -28,6 +28,15 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from nncurv._state import BatchNormPolicy, DropoutPolicy, apply_module_policy, untouched
 from nncurv.batches import BatchFormat, move_batch
 
+if torch.distributed.is_available() and not torch.distributed.is_initialized():
+    # torch.distributed.nn binds ``group=group.WORLD`` as default arguments when it is imported.
+    # torch.func.grad imports it (through torch._dynamo) on first use; if that happens after
+    # init_process_group, those defaults keep the default group alive past
+    # destroy_process_group, and its gloo threads can abort the process at exit ("terminate
+    # called without an active exception"). Imported here, before any group exists, the
+    # defaults stay empty placeholders.
+    import torch.distributed.nn  # noqa: F401
+
 __all__ = ["CurvatureProblem", "Batch", "ParamSelection", "Reduction"]
 
 Reduction = Literal["mean", "sum"]

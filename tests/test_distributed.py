@@ -65,3 +65,41 @@ def test_two_gloo_ranks_equal_single_process_on_union(tmp_path):
         for key, ref in [("H", H), ("H_rev", H), ("G", G), ("loss", loss), ("grad", grad)]:
             diff = float((got[f"{key}_{reduction}"] - ref).abs().max())
             assert diff <= 1e-10 * max(1.0, float(ref.abs().max())), (key, reduction, diff)
+
+
+def _leak_worker(rank: int, world: int, store: str, out: str) -> None:
+    import os
+
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    # the first torch.func.grad imports torch._dynamo and with it torch.distributed.nn
+    x = torch.randn(3, dtype=torch.float64)
+    torch.func.vjp(torch.func.grad(lambda p: (p**3).sum()), x)[1](torch.ones_like(x))
+    dist.destroy_process_group()
+    import torch.distributed.nn.functional as dnn
+
+    held = [
+        name
+        for name in dir(dnn)
+        if any(
+            isinstance(d, dist.ProcessGroup)
+            for d in getattr(dnn.__dict__[name], "__defaults__", None) or ()
+        )
+    ]
+    threads = []
+    if os.path.isdir("/proc/self/task"):
+        for tid in os.listdir("/proc/self/task"):
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                threads.append(f.read().strip())
+    torch.save({"held": held, "gloo_threads": [t for t in threads if "gloo" in t]}, f"{out}{rank}")
+
+
+def test_destroy_process_group_frees_the_group_after_torch_func(tmp_path):
+    """A group destroyed after torch.func was first used is freed (its gloo threads stop).
+
+    Otherwise its threads outlive the group and can abort the process at exit.
+    """
+    out = str(tmp_path / "rank")
+    mp.spawn(_leak_worker, args=(2, str(tmp_path / "store"), out), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(f"{out}{rank}")
+        assert got == {"held": [], "gloo_threads": []}, (rank, got)
