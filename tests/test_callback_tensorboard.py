@@ -48,6 +48,51 @@ def _tags(payload: dict[str, dict[str, Any]]) -> set[str]:
     return {tag for run in payload.values() for tag in run}
 
 
+def _start_tensorboard(logdir: Path) -> tuple[subprocess.Popen[bytes], int]:
+    """A TensorBoard server on a free port, once it answers.
+
+    The port is free when picked but another process can take it before TensorBoard binds it;
+    then TensorBoard exits and a new port is tried (three times at most).
+    """
+    for _ in range(3):
+        port = _free_port()
+        proc = subprocess.Popen(
+            [
+                str(TENSORBOARD),
+                "--logdir",
+                str(logdir),
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+                "--load_fast",
+                "false",
+                "--reload_interval",
+                "1",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 60
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                _get(port, "/data/plugin/scalars/tags")
+                return proc, port
+            except OSError:  # not listening yet
+                time.sleep(0.5)
+        _stop(proc)
+    raise AssertionError("tensorboard did not start on any of three ports")
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.mark.skipif(not TENSORBOARD.exists(), reason="no tensorboard executable")
 def test_tensorboard_server_shows_scalars_histograms_and_images(tmp_path):
     pytest.importorskip("matplotlib")
@@ -61,24 +106,7 @@ def test_tensorboard_server_shows_scalars_histograms_and_images(tmp_path):
     _, kinds = read_events(trainer.logger.log_dir)
     assert "custom_scalars__config__" in kinds["tensors"]
 
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            str(TENSORBOARD),
-            "--logdir",
-            str(tmp_path / "logs"),
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "--load_fast",
-            "false",
-            "--reload_interval",
-            "1",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc, port = _start_tensorboard(tmp_path / "logs")
     want_scalars = {"curvature/hessian/top_eig_0", "curvature/hessian/top_eig_1"}
     want_scalars |= {"curvature/hessian/trace", "curvature/hessian/trace_stderr"}
     want_hist = {"curvature/hessian/spectral_density", "curvature/hessian/diagonal/lin"}
@@ -94,7 +122,7 @@ def test_tensorboard_server_shows_scalars_histograms_and_images(tmp_path):
                     "histograms": _tags(_get(port, "/data/plugin/histograms/tags")),
                     "images": _tags(_get(port, "/data/plugin/images/tags")),
                 }
-            except OSError:  # not listening yet
+            except OSError:  # a transient error while it loads the logs
                 time.sleep(0.5)
                 continue
             if (
@@ -116,12 +144,7 @@ def test_tensorboard_server_shows_scalars_histograms_and_images(tmp_path):
         for chart in ["Hessian top eigenvalues", "curvature/hessian/trace_lower", "margin"]:
             assert chart in layout, layout
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        _stop(proc)
 
 
 def test_merged_scalar_events_read_back_like_log_metrics(tmp_path):
