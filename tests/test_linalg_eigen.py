@@ -237,6 +237,9 @@ def test_bad_arguments_raise_before_any_product() -> None:
         eigenvalues(op, tol=-1.0)
     with pytest.raises(TypeError, match="LinearOperator"):
         eigenvalues(torch.eye(3))  # type: ignore[arg-type]
+    for which in ("LA", "BE"):  # k pairs need at least k products
+        with pytest.raises(ValueError, match="max_matvecs must be >= 3, got 2"):
+            eigenvalues(op, k=3, which=which, max_matvecs=2)  # type: ignore[arg-type]
     assert op.num_matvecs == 0
 
 
@@ -245,11 +248,17 @@ def test_non_symmetric_operator_is_rejected() -> None:
     M = torch.randn(20, 20, generator=g, dtype=torch.float64)
     with pytest.raises(ValueError, match="symmetric"):
         eigenvalues(MatrixOperator(M, symmetric=False))
-    # declared symmetric but is not: detected from the projections, before any number is returned
+    # an explicit matrix declared symmetric is checked when it is wrapped
+    with pytest.raises(ValueError, match=r"A is not symmetric: max \|A - A\^T\| = "):
+        MatrixOperator(M)
+    MatrixOperator(M + M.T)  # symmetric up to rounding: accepted
+    # an operator declared symmetric but not: detected from the projections, before any
+    # number is returned
+    lying = CallableOperator(lambda v: M @ v, 20, dtype=M.dtype, device=M.device)
     with pytest.raises(ValueError, match="not symmetric"):
-        eigenvalues(MatrixOperator(M))
+        eigenvalues(lying)
     with pytest.raises(ValueError, match="not symmetric"):
-        check_symmetric(MatrixOperator(M))
+        check_symmetric(lying)
     assert check_symmetric(MatrixOperator(M + M.T)) < 1e-12
 
 

@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from nncurv import CurvatureProblem, DictBatch, GGNOperator, HessianOperator, hessian
+from nncurv import (
+    CurvatureProblem,
+    DictBatch,
+    GGNOperator,
+    HessianOperator,
+    MatrixOperator,
+    hessian,
+)
 from tests.conftest import assert_close
 from tests.reference import dense_ggn, dense_hessian
 from tests.zoo import CASE_IDS, CASES, case
@@ -196,6 +203,16 @@ def test_to_scipy_interop():
     dense = H.to_dense()
     top = scipy_linalg.eigsh(H.to_scipy(), k=1, which="LA", return_eigenvectors=False)
     assert abs(top[0] - float(torch.linalg.eigvalsh(dense)[-1])) < 1e-8 * abs(top[0])
+    # the transpose product is offered only where it is known (a symmetric operator)
+    M = torch.tensor([[1.0, 0.0], [2.0, 3.0]], dtype=torch.float64)
+    v = torch.tensor([1.0, 0.0], dtype=torch.float64).numpy()
+    assert H.to_scipy().rmatvec(dense[0].numpy()).tolist() == pytest.approx(
+        (dense @ dense[0]).tolist(), rel=1e-10
+    )
+    general = MatrixOperator(M, symmetric=False).to_scipy()
+    assert general.matvec(v).tolist() == [1.0, 2.0]
+    with pytest.raises(NotImplementedError):
+        general.rmatvec(v)
 
 
 def test_attention_hessian_matches_finite_differences():

@@ -166,7 +166,7 @@ def eigenvalues(
         raise ValueError(f"ncv must be at least k + block_size = {k + b}, got {ncv!r}")
     if max_matvecs is None:
         max_matvecs = max(300, 30 * ncv)
-    check_int(max_matvecs, "max_matvecs", minimum=b)
+    check_int(max_matvecs, "max_matvecs", minimum=max(b, k))  # a pair per product at most
     gen = make_generator(op, generator, seed)
 
     vecs: Tensor | None

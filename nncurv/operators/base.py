@@ -7,6 +7,7 @@ nothing of models, which is what lets each be tested against a matrix with a kno
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -117,7 +118,9 @@ class LinearOperator:
             t = torch.as_tensor(np.asarray(X), dtype=self.dtype, device=self.device)
             return self.matmat(t).detach().cpu().numpy()
 
-        return ScipyLinearOperator(self.shape, matvec=mv, matmat=mm, rmatvec=mv, dtype=np_dtype)
+        # the transpose is known only for a symmetric operator; SciPy raises where it needs it
+        rmv = mv if self.is_symmetric else None
+        return ScipyLinearOperator(self.shape, matvec=mv, matmat=mm, rmatvec=rmv, dtype=np_dtype)
 
     def new_generator(self, seed: int = 0) -> torch.Generator:
         """Return a ``torch.Generator`` on the operator's device, seeded with ``seed``."""
@@ -134,8 +137,9 @@ class MatrixOperator(LinearOperator):
 
     Args:
         A: A square 2-D floating tensor.
-        symmetric: Whether ``A`` is symmetric (checked cheaply with one random probe when
-            ``True``).
+        symmetric: Whether ``A`` is symmetric. When ``True`` it is checked against
+            ``A.T`` (relative tolerance ``max(100 sqrt(eps), 1e-6)``), and a ``ValueError``
+            names the asymmetry: every algorithm that assumes symmetry trusts the flag.
 
     Example:
         >>> import torch
@@ -150,6 +154,16 @@ class MatrixOperator(LinearOperator):
         if A.ndim != 2 or A.shape[0] != A.shape[1]:
             raise ValueError(f"A must be a square matrix, got shape {tuple(A.shape)}")
         super().__init__(A.shape[0], dtype=A.dtype, device=A.device)
+        if symmetric and A.numel() and A.is_floating_point():
+            scale = float(A.abs().max())
+            asym = float((A - A.T).abs().max())
+            tol = max(100.0 * torch.finfo(A.dtype).eps ** 0.5, 1e-6)
+            # (non-finite entries are left to the algorithms, which report them as such)
+            if math.isfinite(scale) and asym > tol * scale:
+                raise ValueError(
+                    f"A is not symmetric: max |A - A^T| = {asym:.3e} relative to max |A| = "
+                    f"{scale:.3e} (tolerance {tol:.1e}); pass symmetric=False for a general matrix"
+                )
         self.A = A
         self.is_symmetric = symmetric
         self.matmat_chunk_size = None
