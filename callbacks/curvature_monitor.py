@@ -365,6 +365,13 @@ class CurvatureMonitor(Callback):
                 f"CurvatureMonitor: no loss function; pass loss_fn=... or give "
                 f"{type(pl_module).__name__} one of the attributes {_LOSS_ATTRS}"
             )
+        declared = getattr(self._loss, "reduction", None)
+        if declared in ("mean", "sum") and declared != self.reduction:
+            raise MisconfigurationException(
+                f"CurvatureMonitor: the loss function reduces with reduction={declared!r} but "
+                f"the callback was given reduction={self.reduction!r}; pass "
+                f"CurvatureMonitor(reduction={declared!r})"
+            )
         self._writers = []
         if trainer.is_global_zero and not getattr(trainer, "fast_dev_run", False):
             self._writers = tensorboard_writers(trainer.loggers)

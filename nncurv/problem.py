@@ -72,9 +72,23 @@ class Batch:
 def _is_single_batch(data: Any) -> bool:
     if isinstance(data, (Tensor, Mapping)):
         return True
+    if isinstance(data, list) and data and all(isinstance(x, Mapping) for x in data):
+        return False  # a list of dict batches (one batch with dict parts is a tuple)
     if isinstance(data, (tuple, list)):
         return len(data) > 0 and all(isinstance(x, (Tensor, Mapping)) for x in data)
     return False
+
+
+def _loader_generators(data: Any) -> list[torch.Generator]:
+    """The generators a data loader draws its shuffling (and worker seeds) from."""
+    found: dict[int, torch.Generator] = {}
+    sampler = getattr(data, "sampler", None)
+    batch_sampler = getattr(data, "batch_sampler", None)
+    for owner in (data, sampler, getattr(batch_sampler, "sampler", None)):
+        g = getattr(owner, "generator", None)
+        if isinstance(g, torch.Generator):
+            found[id(g)] = g
+    return list(found.values())
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -137,11 +151,15 @@ class CurvatureProblem:
         model: The network (``DistributedDataParallel``/``DataParallel`` wrappers are unwrapped).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (``loss_fn(outputs)`` when batches carry
             no targets), reducing over the batch as ``reduction`` says.
-        data: One batch (a tensor, an ``(inputs, targets)`` tuple or a dict) or any iterable of
-            batches such as a ``DataLoader``. Iterables are re-read on every pass, inside a forked
-            RNG so that shuffling or augmentation are the same on every pass and the global RNG
-            is untouched.
-        reduction: How ``loss_fn`` reduces over samples: ``"mean"`` or ``"sum"``.
+        data: One batch (a tensor, an ``(inputs, targets)`` tuple or list, or a dict) or any
+            iterable of batches such as a ``DataLoader`` or a list of batches. Iterables are
+            re-read on every pass, inside a forked RNG, with the loader's own generators (a
+            ``DataLoader(generator=...)`` or its sampler's) restored after each pass, so that
+            shuffling or augmentation are the same on every pass and no RNG state changes. A
+            one-shot iterator (a generator) is read once and its batches are kept.
+        reduction: How ``loss_fn`` reduces over samples: ``"mean"`` or ``"sum"``. A loss
+            module with a ``reduction`` attribute (``nn.CrossEntropyLoss(reduction="sum")``)
+            must agree: a mismatch is a ``ValueError``.
         params: Which parameters the curvature is taken over: ``None`` (all trainable), a name
             or glob pattern (``"fc1.*"``; a module name selects its parameters), a module, a
             parameter, a predicate ``(name, param) -> bool``, or a list of these.
@@ -193,6 +211,12 @@ class CurvatureProblem:
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+        declared = getattr(loss_fn, "reduction", None)
+        if declared in ("mean", "sum") and declared != reduction:
+            raise ValueError(
+                f"loss_fn reduces with reduction={declared!r} but the problem was given "
+                f"reduction={reduction!r}; pass reduction={declared!r}"
+            )
         if batchnorm not in ("eval", "batch"):
             raise ValueError(f"batchnorm must be 'eval' or 'batch', got {batchnorm!r}")
         if dropout not in ("off", "on"):
@@ -227,7 +251,8 @@ class CurvatureProblem:
         self._single = _is_single_batch(data)
         self._data = data
         self._cache: list[tuple[Any, Any, int]] | None = None
-        self._cache_batches = cache_batches
+        # a one-shot iterator cannot be re-read: its batches are kept from the first pass
+        self._cache_batches = cache_batches or (not self._single and isinstance(data, Iterator))
         sizes = self._scan()
         self.batch_sizes = sizes
         local = sum(sizes)
@@ -241,13 +266,19 @@ class CurvatureProblem:
             yield from self._cache
             return
         source: Iterable[Any] = [self._data] if self._single else self._data
-        with torch.random.fork_rng(devices=self._cuda_devices()):
-            for raw in source:
-                x, y = self.batch_format.split(raw)
-                n = self.batch_format.num_samples(x, y)
-                x = move_batch(x, self.device, self.dtype)
-                y = move_batch(y, self.device, self.dtype) if y is not None else None
-                yield x, y, n
+        generators = [] if self._single else _loader_generators(self._data)
+        states = [g.get_state() for g in generators]
+        try:
+            with torch.random.fork_rng(devices=self._cuda_devices()):
+                for raw in source:
+                    x, y = self.batch_format.split(raw)
+                    n = self.batch_format.num_samples(x, y)
+                    x = move_batch(x, self.device, self.dtype)
+                    y = move_batch(y, self.device, self.dtype) if y is not None else None
+                    yield x, y, n
+        finally:
+            for g, state in zip(generators, states):
+                g.set_state(state)
 
     def _cuda_devices(self) -> list[torch.device]:
         return [self.device] if self.device.type == "cuda" else []
@@ -273,6 +304,7 @@ class CurvatureProblem:
 
     def batches(self) -> Generator[Batch, None, None]:
         """Iterate over the batches on the device, each with its weight in the data-set loss."""
+        self.check_unchanged()
         for i, (x, y, n) in enumerate(self._raw_batches()):
             w = n / self.num_samples if self.reduction == "mean" else 1.0
             yield Batch(x, y, n, w, i)
@@ -411,6 +443,7 @@ class CurvatureProblem:
         new.__dict__.update(self.__dict__)
         names = set(dict(self.model.named_parameters()))
         new._apply_selection(params, {n: b for n, b in self._fixed.items() if n not in names})
+        new._versions = self._versions  # the parameters as this problem read them
         new._check_params()
         return new
 
@@ -427,6 +460,26 @@ class CurvatureProblem:
             n: p.detach() for n, p in all_params.items() if n not in selected
         }
         self._fixed.update(buffers)
+        # detach() shares the version counter: in-place updates of the model's parameters show
+        self._watched = {n: p.detach() for n, p in all_params.items()}
+        self._versions = {n: p._version for n, p in self._watched.items()}
+
+    def check_unchanged(self) -> None:
+        """Raise ``ValueError`` if a model parameter changed in place since the problem read it.
+
+        An optimizer step or a ``copy_`` changes it. The problem reads the parameters without
+        copying them but copies the buffers, so its curvature is that of the model at
+        construction; after the parameters change it would silently mix new parameters with old
+        buffers (and retained graphs would be invalid). Build a new problem instead. Every pass
+        over the data checks this, as do the cached products of the operators.
+        """
+        for n, p in self._watched.items():
+            if p._version != self._versions[n]:
+                raise ValueError(
+                    f"parameter {n!r} of {type(self.model).__name__} was modified in place "
+                    "after this CurvatureProblem read it (e.g. by an optimizer step); build a "
+                    "new CurvatureProblem (and operator) for the new parameters"
+                )
 
     def _check_params(self) -> None:
         for n, p in self.params.items():

@@ -318,6 +318,17 @@ def test_missing_loss_function_is_a_configuration_error(tmp_path):
         trainer.fit(model, loader(X, y, 8))
 
 
+def test_loss_reduction_disagreeing_with_the_callback_is_a_configuration_error(tmp_path):
+    X, y = regression_data(16, 3)
+    model = Regression(3)
+    model.loss_fn = torch.nn.MSELoss(reduction="sum")
+    trainer = make_trainer(tmp_path, [CurvatureMonitor()], max_steps=1)
+    with pytest.raises(MisconfigurationException, match=r"reduction='sum' but .*'mean'"):
+        trainer.fit(model, loader(X, y, 8))
+    trainer = make_trainer(tmp_path, [CurvatureMonitor(reduction="sum")], max_steps=1)
+    trainer.fit(model, loader(X, y, 8))  # agreeing: fine
+
+
 def test_csv_logger_only_warns_once_and_logs_scalars(tmp_path):
     X, y = regression_data(16, 3)
     spy = SpyLogger(str(tmp_path))

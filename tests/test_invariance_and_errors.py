@@ -190,3 +190,98 @@ def test_loss_check_deferred_to_first_evaluation():
     H = HessianOperator(problem)
     with pytest.raises(ValueError, match="scalar"):
         H @ torch.ones(H.shape[0], dtype=H.dtype)
+
+
+# ------------------------------------------------------------------ data sources (review fixes)
+def _bn_regression() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).double()
+    X = torch.randn(12, 3, dtype=torch.float64)
+    y = torch.randn(12, 1, dtype=torch.float64)
+    return model, X, y
+
+
+def test_one_shot_iterator_is_read_once_and_kept():
+    model, X, y = _bn_regression()
+    parts = [(X[i : i + 4], y[i : i + 4]) for i in range(0, 12, 4)]
+    ref = HessianOperator(CurvatureProblem(model, nn.MSELoss(), parts)).to_dense()
+    problem = CurvatureProblem(model, nn.MSELoss(), iter(parts))  # a generator would do the same
+    assert problem.batch_sizes == [4, 4, 4]
+    H = HessianOperator(problem, mode="forward-over-reverse")  # re-reads the data per product
+    assert torch.allclose(H.to_dense(), ref, rtol=1e-12, atol=1e-12)
+    assert float(ref.abs().max()) > 0.1  # (a re-read exhausted iterator would give zeros)
+    assert torch.allclose(problem.loss(), nn.functional.mse_loss(model.eval()(X), y))
+
+
+def test_a_list_of_dict_batches_is_many_batches():
+    from nncurv import DictBatch
+
+    model, X, y = _bn_regression()
+
+    class Kw(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)
+
+    batches = [{"x": X[:6], "labels": y[:6]}, {"x": X[6:], "labels": y[6:]}]
+    problem = CurvatureProblem(
+        Kw(), nn.MSELoss(), batches, batch_format=DictBatch(target_key="labels")
+    )
+    assert problem.batch_sizes == [6, 6]
+    ref = CurvatureProblem(model, nn.MSELoss(), (X, y))
+    assert torch.allclose(problem.loss(), ref.loss(), rtol=1e-12)
+
+
+def test_loader_with_its_own_generator_gives_the_same_batches_every_pass():
+    # with batch statistics the operator depends on which samples share a batch
+    model, X, y = _bn_regression()
+    g = torch.Generator().manual_seed(3)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(X, y), batch_size=4, shuffle=True, generator=g
+    )
+    state = g.get_state()
+    problem = CurvatureProblem(model, nn.MSELoss(), loader, batchnorm="batch")
+    H = HessianOperator(problem, mode="reverse-over-reverse")
+    v = torch.randn(H.shape[0], dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    first, second = H @ v, H @ v
+    assert torch.equal(first, second)
+    assert torch.equal(g.get_state(), state), "the loader's generator moved"
+    # and the batches are those the loader draws next, as the user would see them
+    seen = [xb for xb, _ in loader]
+    g.set_state(state)
+    with torch.random.fork_rng():
+        replay = CurvatureProblem(model, nn.MSELoss(), [(xb, yb) for xb, yb in loader])
+    assert [b.inputs.shape[0] for b in replay.batches()] == [x.shape[0] for x in seen]
+
+
+@pytest.mark.parametrize("mode", ["cached", "forward-over-reverse"])
+def test_parameters_changed_after_construction_are_refused(mode):
+    model, X, y = _bn_regression()
+    problem = CurvatureProblem(model, nn.MSELoss(), (X, y))
+    H = HessianOperator(problem, mode=mode)
+    v = torch.ones(H.shape[0], dtype=torch.float64)
+    H @ v
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    nn.functional.mse_loss(model(X), y).backward()
+    opt.step()
+    with pytest.raises(ValueError, match=r"parameter '0.weight' of Sequential was modified in"):
+        H @ v
+    with pytest.raises(ValueError, match="build a new CurvatureProblem"):
+        problem.loss()
+    with pytest.raises(ValueError, match="modified in place"):
+        HessianOperator(problem.with_params("3.*"), mode=mode) @ torch.ones(5).double()
+    fresh = CurvatureProblem(model, nn.MSELoss(), (X, y))  # a new problem reads them again
+    assert torch.isfinite(HessianOperator(fresh, mode=mode) @ v).all()
+
+
+def test_reduction_must_agree_with_the_loss_module():
+    model, X, y = _bn_regression()
+    with pytest.raises(ValueError, match="reduction='sum' but the problem was given reduction='me"):
+        CurvatureProblem(model, nn.MSELoss(reduction="sum"), (X, y))
+    with pytest.raises(ValueError, match="reduction='mean' but .* given reduction='sum'"):
+        CurvatureProblem(model, nn.MSELoss(), (X, y), reduction="sum")
+    CurvatureProblem(model, nn.MSELoss(reduction="sum"), (X, y), reduction="sum")
+    CurvatureProblem(model, lambda o, t: ((o - t) ** 2).sum(), (X, y), reduction="sum")

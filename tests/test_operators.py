@@ -169,7 +169,9 @@ def test_parameter_selection_and_blocks_are_diagonal_blocks(device):
     by_pattern = CurvatureProblem(model, loss_fn, (X, y), params="2.*", reduction="sum")
     by_module = CurvatureProblem(model, loss_fn, (X, y), params=model[2], reduction="sum")
     assert by_pattern.param_names == by_module.param_names == ["2.weight", "2.bias"]
-    weights = CurvatureProblem(model, loss_fn, (X, y), params=lambda n, p: n.endswith("weight"))
+    weights = CurvatureProblem(
+        model, loss_fn, (X, y), params=lambda n, p: n.endswith("weight"), reduction="sum"
+    )
     assert weights.param_names == ["0.weight", "2.weight"]
 
 

@@ -160,6 +160,7 @@ class ParameterOperator(LinearOperator):
         total: Tensor | None = None
         cached = self.mode == self.cached_mode
         if cached and self._cache and len(self._cache) == self.problem.num_batches:
+            self.problem.check_unchanged()  # (the graphs hold the parameters as they were)
             for prod in self._cache.values():
                 r = fn(prod)
                 total = r if total is None else total + r
