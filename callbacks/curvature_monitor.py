@@ -656,12 +656,20 @@ class CurvatureMonitor(Callback):
     # ------------------------------------------------------------------ state
     @override
     def state_dict(self) -> dict[str, Any]:
+        # Under DDP every rank holds its own probe batches and only rank 0's state reaches the
+        # checkpoint: the probes of all ranks are gathered into it (Lightning builds the
+        # checkpoint on every rank, so this collective is met everywhere)
+        probe = [_to_cpu(b) for b in self._probe]
+        probes: list[Any] = [probe]
+        if _distributed() and torch.distributed.get_world_size() > 1:
+            probes = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(probes, probe)
         return {
             "last_step": self._last_step,
             "last_computed": self._last_computed,
             "pending": self._pending,
             "num_calls": self._num_calls,
-            "probe": [_to_cpu(b) for b in self._probe],
+            "probes_by_rank": probes,
             "budget": {
                 "spent": self.budget.spent,
                 "elapsed": self.budget.elapsed_before + self._elapsed(),
@@ -676,7 +684,18 @@ class CurvatureMonitor(Callback):
         self._last_computed = int(state_dict.get("last_computed", -1))
         self._pending = bool(state_dict.get("pending", False))
         self._num_calls = int(state_dict.get("num_calls", 0))
-        self._probe = list(state_dict.get("probe", []))
+        probes = state_dict.get("probes_by_rank", [state_dict.get("probe", [])])
+        world = torch.distributed.get_world_size() if _distributed() else 1
+        rank = torch.distributed.get_rank() if _distributed() else 0
+        if len(probes) == world:
+            self._probe = list(probes[rank])
+        else:  # resumed on another number of processes: each rank draws its probe again
+            self._probe = []
+            self._warn_once(
+                "resume-world",
+                f"CurvatureMonitor: the checkpoint holds the probe batches of {len(probes)} "
+                f"process(es), this run has {world}; the probe batches are drawn again",
+            )
         budget = state_dict.get("budget", {})
         self.budget.spent = float(budget.get("spent", 0.0))
         self.budget.elapsed_before = float(budget.get("elapsed", 0.0))
@@ -686,6 +705,10 @@ class CurvatureMonitor(Callback):
 
 
 _FUNCTIONAL_MODES = ("forward-over-reverse", "reverse-over-reverse")
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _safe_names(metric: CurvatureMetric, ctx: MetricContext) -> list[str]:

@@ -329,6 +329,20 @@ def test_loss_reduction_disagreeing_with_the_callback_is_a_configuration_error(t
     trainer.fit(model, loader(X, y, 8))  # agreeing: fine
 
 
+def test_probe_batches_from_a_checkpoint_of_another_world_size_are_drawn_again():
+    batch = [torch.ones(2, 3), torch.zeros(2, 1)]
+    cb = CurvatureMonitor()
+    cb.load_state_dict({"probes_by_rank": [[batch]]})  # this process: rank 0 of 1
+    assert cb._probe == [batch]
+    cb = CurvatureMonitor()
+    with pytest.warns(UserWarning, match="probe batches of 2 process"):
+        cb.load_state_dict({"probes_by_rank": [[batch], [batch]]})
+    assert cb._probe == []
+    cb = CurvatureMonitor()
+    cb.load_state_dict({"probe": [batch]})  # the layout before probes were kept per rank
+    assert cb._probe == [batch]
+
+
 def test_csv_logger_only_warns_once_and_logs_scalars(tmp_path):
     X, y = regression_data(16, 3)
     spy = SpyLogger(str(tmp_path))
@@ -422,7 +436,11 @@ def test_resume_continues_schedule_without_duplicates(tmp_path):
     ckpt = str(tmp_path / "mid.ckpt")
     t1.save_checkpoint(ckpt)
     saved = torch.load(ckpt, weights_only=True)["callbacks"][cb1.state_key]
-    assert saved["last_step"] == 5 and saved["num_calls"] == 3 and len(saved["probe"]) == 1
+    assert (
+        saved["last_step"] == 5
+        and saved["num_calls"] == 3
+        and [len(p) for p in saved["probes_by_rank"]] == [1]
+    )
     assert saved["metrics"]["top_eig"]["vectors"][""].shape == (4, 1)
 
     cb2 = monitor()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+from typing import Any
 
 import pytest
 import torch
@@ -108,3 +109,54 @@ def test_two_ranks_log_the_values_of_the_union_batch(tmp_path):
     # the single-process value on one rank's batch differs: the test can tell them apart
     lam0 = torch.linalg.eigvalsh(closed_form_hessian(model, X[0:8:2]))[-1]
     assert abs(float(lam0) - float(lam[-1])) > 1e-3
+
+
+def _fit_ddp(root: Any, callbacks: list, max_steps: int, data: Any, **fit_kwargs: Any) -> Any:
+    """A 2-process ddp_spawn fit (once more on a new port if the picked one was taken)."""
+    for attempt in range(2):
+        trainer = make_trainer(
+            root / f"try{attempt}",
+            callbacks,
+            max_steps=max_steps,
+            precision="64-true",
+            strategy="ddp_spawn",
+            devices=2,
+            use_distributed_sampler=False,
+            enable_checkpointing=True,
+        )
+        try:
+            trainer.fit(
+                Regression(4, lr=0.0),
+                torch.utils.data.DataLoader(data, batch_size=4, sampler=RankSampler(32)),
+                **fit_kwargs,
+            )
+            return trainer
+        except Exception as err:
+            if attempt or "address already in use" not in str(err).lower():
+                raise
+    raise AssertionError("unreachable")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed unavailable")
+def test_resume_under_ddp_keeps_every_ranks_probe(tmp_path):
+    """The checkpoint holds the probe batches of both ranks; resumed, the union is the same."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    X, y = regression_data(32, 4)
+    data = torch.utils.data.TensorDataset(X, y)
+    ck = ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=2, save_top_k=-1)
+    cb = CurvatureMonitor(metrics=[TopEigenvalues(tol=1e-10)], every_n_steps=2)
+    first = _fit_ddp(tmp_path / "a", [cb, ck], 2, data)
+    ckpt = sorted(glob.glob(str(tmp_path / "ck" / "*.ckpt")))[-1]
+    saved = torch.load(ckpt, weights_only=False)["callbacks"][cb.state_key]["probes_by_rank"]
+    assert [tuple(b[0].shape) for b in (p[0] for p in saved)] == [(4, 4), (4, 4)]
+    cb2 = CurvatureMonitor(metrics=[TopEigenvalues(tol=1e-10)], every_n_steps=2)
+    second = _fit_ddp(tmp_path / "b", [cb2], 4, data, ckpt_path=ckpt)
+    key = P + "hessian/top_eig_0"
+    before, _ = read_events(first.logger.log_dir)
+    after, _ = read_events(second.logger.log_dir)
+    # lr = 0: the parameters never move, so the union of the probes gives the same value
+    lam = float(torch.linalg.eigvalsh(closed_form_hessian(Regression(4), X[:8]))[-1])
+    assert [s for s, _ in before[key]] == [2] and [s for s, _ in after[key]] == [4]
+    assert before[key][0][1] == pytest.approx(lam, rel=1e-6)
+    assert after[key][0][1] == pytest.approx(lam, rel=1e-6)
