@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 from torch import Tensor
 
 from nncurv.jacobians import jacobian_frobenius_sq
@@ -49,6 +50,35 @@ __all__ = [
     "JacobianNorm",
     "InformationMetric",
 ]
+
+
+def _bad(owner: object, name: str, value: object, want: str) -> MisconfigurationException:
+    return MisconfigurationException(
+        f"{type(owner).__name__}: {name} must be {want}, got {value!r}"
+    )
+
+
+def _int_at_least(owner: object, name: str, value: object, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _bad(owner, name, value, f"an integer >= {minimum}")
+
+
+def _positive(owner: object, name: str, value: object, *, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (ok and math.isfinite(float(value)) and float(value) > 0):  # type: ignore[arg-type]
+        raise _bad(owner, name, value, "a positive number" + (" or None" if optional else ""))
+
+
+def _flag(owner: object, name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise _bad(owner, name, value, "True or False")
+
+
+def _choice(owner: object, name: str, value: object, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise _bad(owner, name, value, f"one of {choices}")
 
 
 @dataclass
@@ -268,6 +298,11 @@ class TopEigenvalues(CurvatureMetric):
         max_matvecs: int | None = None,
         warm_start: bool = True,
     ) -> None:
+        _int_at_least(self, "k", k)
+        _positive(self, "tol", tol, optional=True)
+        if max_matvecs is not None:
+            _int_at_least(self, "max_matvecs", max_matvecs, minimum=k)
+        _flag(self, "warm_start", warm_start)
         self.k = k
         self.tol = tol
         self.max_matvecs = max_matvecs
@@ -367,6 +402,10 @@ class HessianTrace(CurvatureMetric):
     def __init__(
         self, num_matvecs: int = 10, *, method: str = "xtrace", deflate: bool = True
     ) -> None:
+        least = {"hutchinson": 1, "auto": 2, "xtrace": 2, "hutch++": 3}
+        _choice(self, "method", method, tuple(least))
+        _int_at_least(self, "num_matvecs", num_matvecs, minimum=least[method])
+        _flag(self, "deflate", deflate)
         self.num_matvecs = num_matvecs
         self.method = method
         self.deflate = deflate
@@ -414,6 +453,9 @@ class SpectralDensityMetric(CurvatureMetric):
     name = "density"
 
     def __init__(self, num_steps: int = 30, *, num_probes: int = 1, figure: bool = True) -> None:
+        _int_at_least(self, "num_steps", num_steps)
+        _int_at_least(self, "num_probes", num_probes)
+        _flag(self, "figure", figure)
         self.num_steps = num_steps
         self.num_probes = num_probes
         self.figure = figure
@@ -452,6 +494,8 @@ class HessianDiagonal(CurvatureMetric):
     name = "diagonal"
 
     def __init__(self, num_matvecs: int = 20, *, method: str = "xdiag") -> None:
+        _choice(self, "method", method, ("auto", "xdiag", "hutchinson", "exact"))
+        _int_at_least(self, "num_matvecs", num_matvecs, minimum=1 if method == "hutchinson" else 2)
         self.num_matvecs = num_matvecs
         self.method = method
 
@@ -489,6 +533,10 @@ class LayerCurvature(CurvatureMetric):
         trace_matvecs: int = 10,
         tol: float = 1e-2,
     ) -> None:
+        _flag(self, "top_eig", top_eig)
+        _flag(self, "trace", trace)
+        _int_at_least(self, "trace_matvecs", trace_matvecs)
+        _positive(self, "tol", tol)
         self.top_eig = top_eig
         self.trace = trace
         self.trace_matvecs = trace_matvecs
@@ -586,6 +634,10 @@ class JacobianNorm(CurvatureMetric):
     def __init__(
         self, layer: str | None = None, *, method: str = "hutchinson", num_probes: int = 4
     ) -> None:
+        if layer is not None and not isinstance(layer, str):
+            raise _bad(self, "layer", layer, "None or a module name")
+        _choice(self, "method", method, ("exact", "hutchinson", "hutch++"))
+        _int_at_least(self, "num_probes", num_probes, minimum=3 if method == "hutch++" else 1)
         self.layer = layer
         self.method = method
         self.num_probes = num_probes
@@ -671,6 +723,21 @@ class InformationMetric(CurvatureMetric):
         noise_variance: float | str | None = None,
         assume_nll: bool = False,
     ) -> None:
+        _positive(self, "prior_precision", prior_precision)
+        _positive(self, "alpha", alpha, optional=True)
+        _positive(self, "tic_damping", tic_damping, optional=True)
+        for name, value in [
+            ("trace_matvecs", trace_matvecs),
+            ("slq_probes", slq_probes),
+            ("slq_steps", slq_steps),
+            ("tic_probes", tic_probes),
+            ("tic_max_iter", tic_max_iter),
+        ]:
+            _int_at_least(self, name, value)
+        _flag(self, "tic", tic)
+        _flag(self, "assume_nll", assume_nll)
+        if noise_variance != "estimate":
+            _positive(self, "noise_variance", noise_variance, optional=True)
         self.prior_precision = prior_precision
         self.alpha = alpha
         self.trace_matvecs = trace_matvecs

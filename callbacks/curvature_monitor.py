@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import pytorch_lightning as pl
@@ -40,7 +40,13 @@ from typing_extensions import override
 
 from nncurv._state import untouched
 from nncurv.batches import BatchFormat
-from nncurv.problem import CurvatureProblem, ParamSelection
+from nncurv.problem import (
+    CurvatureProblem,
+    ParamSelection,
+    _is_single_batch,
+    _select,
+    _unwrap,
+)
 
 __all__ = ["CurvatureMonitor"]
 
@@ -240,6 +246,20 @@ class CurvatureMonitor(Callback):
             raise bad("batch_format", batch_format, "a BatchFormat")
         if jacobian_layer is not None and not isinstance(jacobian_layer, str):
             raise bad("jacobian_layer", jacobian_layer, "None or a module name")
+        for flag_name, flag in [
+            ("at_fit_start", at_fit_start),
+            ("at_fit_end", at_fit_end),
+            ("validation", validation),
+            ("autocast", autocast),
+        ]:
+            if not isinstance(flag, bool):
+                raise bad(flag_name, flag, "True or False")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise bad("seed", seed, "an integer")
+        if probe_data is not None and not (
+            _is_single_batch(probe_data) or isinstance(probe_data, Iterable)
+        ):
+            raise bad("probe_data", probe_data, "None, a batch or an iterable of batches")
         self.metrics = self._build_metrics(metrics, top_k, trace_matvecs, jacobian_layer)
         self.loss_fn = loss_fn
         self.schedule = StepSchedule(schedule, every_n_steps, points_per_decade)
@@ -365,6 +385,19 @@ class CurvatureMonitor(Callback):
                 f"CurvatureMonitor: no loss function; pass loss_fn=... or give "
                 f"{type(pl_module).__name__} one of the attributes {_LOSS_ATTRS}"
             )
+        try:  # the parameter selection and the Jacobian layer must exist in this module
+            _select(_unwrap(pl_module), self.params)
+        except (TypeError, ValueError) as err:
+            raise MisconfigurationException(f"CurvatureMonitor: params: {err}") from err
+        layers = dict(_unwrap(pl_module).named_modules())
+        for metric in self.metrics:
+            layer = getattr(metric, "layer", None) if isinstance(metric, JacobianNorm) else None
+            if layer is not None and layer not in layers:
+                names = ", ".join(n for n in list(layers)[1:13])
+                raise MisconfigurationException(
+                    f"CurvatureMonitor: jacobian_layer {layer!r} is not a module of "
+                    f"{type(pl_module).__name__}; its modules: {names}"
+                )
         declared = getattr(self._loss, "reduction", None)
         if declared in ("mean", "sum") and declared != self.reduction:
             raise MisconfigurationException(

@@ -11,12 +11,15 @@ import torch
 from nncurv.callbacks import (
     CurvatureMetric,
     CurvatureMonitor,
+    HessianDiagonal,
+    HessianTrace,
     InformationMetric,
     JacobianNorm,
     LayerCurvature,
     MetricOutput,
     MinEigenvalue,
     OverheadBudget,
+    SpectralDensityMetric,
     StepSchedule,
     TopEigenvalues,
 )
@@ -386,11 +389,60 @@ def test_fast_dev_run_computes_once(tmp_path):
         ({"top_k": 0}, "top_k"),
         ({"loss_fn": 3}, "loss_fn"),
         ({"jacobian_layer": 3}, "jacobian_layer"),
+        ({"validation": "yes"}, "validation must be True or False, got 'yes'"),
+        ({"at_fit_start": 1}, "at_fit_start"),
+        ({"at_fit_end": None}, "at_fit_end"),
+        ({"autocast": "no"}, "autocast"),
+        ({"seed": "abc"}, "seed must be an integer, got 'abc'"),
+        ({"probe_data": 123}, "probe_data must be None, a batch or an iterable"),
     ],
 )
 def test_bad_arguments_raise_misconfiguration(kwargs, match):
     with pytest.raises(MisconfigurationException, match=match):
         CurvatureMonitor(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: TopEigenvalues(0), "TopEigenvalues: k must be an integer >= 1, got 0"),
+        (lambda: TopEigenvalues(tol=-1), "TopEigenvalues: tol must be a positive number or None"),
+        (lambda: TopEigenvalues(3, max_matvecs=2), "max_matvecs must be an integer >= 3"),
+        (lambda: MinEigenvalue(tol=0.0), "MinEigenvalue: tol"),
+        (lambda: HessianTrace(0), "HessianTrace: num_matvecs must be an integer >= 2, got 0"),
+        (lambda: HessianTrace(2, method="hutch++"), "num_matvecs must be an integer >= 3"),
+        (lambda: HessianTrace(method="bogus"), "HessianTrace: method must be one of"),
+        (lambda: HessianDiagonal(method="bogus"), "HessianDiagonal: method must be one of"),
+        (lambda: JacobianNorm(method="bogus"), "JacobianNorm: method must be one of"),
+        (lambda: JacobianNorm(3), "JacobianNorm: layer must be None or a module name, got 3"),
+        (lambda: SpectralDensityMetric(num_steps=0), "SpectralDensityMetric: num_steps"),
+        (lambda: InformationMetric(slq_probes=0), "InformationMetric: slq_probes"),
+        (lambda: InformationMetric(prior_precision=-1.0), "prior_precision must be a positive"),
+        (lambda: InformationMetric(noise_variance="guess"), "noise_variance"),
+        (lambda: LayerCurvature(trace_matvecs=-3), "LayerCurvature: trace_matvecs"),
+        (lambda: LayerCurvature(tol=float("nan")), "LayerCurvature: tol"),
+    ],
+)
+def test_bad_metric_arguments_raise_misconfiguration(make, match):
+    with pytest.raises(MisconfigurationException, match=match):
+        make()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"params": "nomatch.*"}, "params: params selection 'nomatch.*' matches no trainable"),
+        (
+            {"metrics": ["jacobian"], "jacobian_layer": "nope"},
+            "jacobian_layer .nope. is not a module of Regression",
+        ),
+    ],
+)
+def test_arguments_checked_against_the_module_at_setup(tmp_path, kwargs, match):
+    X, y = regression_data(16, 3)
+    trainer = make_trainer(tmp_path, [CurvatureMonitor(**kwargs)], max_steps=1)
+    with pytest.raises(MisconfigurationException, match=match):
+        trainer.fit(Regression(3), loader(X, y, 8))
 
 
 # --------------------------------------------------------------------------- failures
