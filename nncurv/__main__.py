@@ -114,8 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="NAME",
         default=None,
-        help="which observed-information metrics (default: logdet effective_dimension "
-        "condition; also trace top_eigenvalues standard_errors tic gap)",
+        help="which observed-information metrics (default: trace logdet "
+        "effective_dimension condition; also top_eigenvalues standard_errors tic gap)",
     )
     land = r.add_argument_group("loss landscape")
     land.add_argument("--steps", type=int, default=41, help="points per 1-D slice (41)")

@@ -17,6 +17,8 @@ from typing import Any
 
 from torch import nn
 
+from nncurv.problem import _is_single_batch
+
 __all__ = [
     "ReportInputError",
     "import_object",
@@ -223,7 +225,9 @@ def resolve_data(data: Any, kwargs: dict[str, Any] | None, max_batches: int | No
     if max_batches is not None:
         if max_batches < 1:
             raise ReportInputError(f"--max-batches must be positive, got {max_batches!r}")
-        if isinstance(data, Iterable) and not isinstance(data, (tuple, list, dict)):
+        if isinstance(data, (tuple, list)) and not _is_single_batch(data):
+            data = list(data)[:max_batches]  # a sequence of batches
+        elif isinstance(data, Iterable) and not isinstance(data, (tuple, list, dict)):
             data = LimitedBatches(data, max_batches)
     return data
 

@@ -347,6 +347,8 @@ def slice_1d(
     """
     t0 = time.perf_counter()
     _check_common(problem, [direction], metrics, chunk_size, recalibrate_bn, vectorize)
+    if not isinstance(taylor_rtol, (int, float)) or not taylor_rtol > 0:  # before the grid
+        raise ValueError(f"taylor_rtol must be positive, got {taylor_rtol!r}")
     axis = _coords(steps, span, "steps")
     loss, mets, center, vec, nev = _run(
         problem, [direction], [axis], metrics, chunk_size, vectorize, recalibrate_bn, progress

@@ -72,7 +72,7 @@ from nncurv.problem import CurvatureProblem
 
 __all__ = ["Report", "ReportInputError", "build_report", "DEFAULT_INFORMATION_METRICS"]
 
-DEFAULT_INFORMATION_METRICS = ("logdet", "effective_dimension", "condition")
+DEFAULT_INFORMATION_METRICS = ("trace", "logdet", "effective_dimension", "condition")
 
 
 @dataclass(frozen=True)
@@ -357,7 +357,7 @@ def build_report(
         batches = resolve_data(data, dict(data_kwargs or {}), max_batches)
         try:
             problem = CurvatureProblem(model, loss_fn, batches, reduction=red, seed=seed)
-        except (ValueError, TypeError, RuntimeError) as err:
+        except Exception as err:  # noqa: BLE001 - any mismatch (IndexError of a bad target too)
             raise ReportInputError(
                 f"the module, loss and data do not fit together: {type(err).__name__}: {err}"
             ) from err

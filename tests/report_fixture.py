@@ -25,6 +25,11 @@ def make_loader(batch_size: int = 50, shuffle: bool = False) -> DataLoader:
     return DataLoader(TensorDataset(X, y), batch_size=batch_size, shuffle=shuffle, generator=gen)
 
 
+def make_bad_targets() -> list:
+    """Iris-shaped features whose labels (7) lie outside the model's 3 classes."""
+    return [(torch.randn(10, 4, generator=torch.Generator().manual_seed(0)), torch.full((10,), 7))]
+
+
 class IrisClassifier(pl.LightningModule):
     """4 → hidden → 3 tanh MLP (optionally with BatchNorm); the loss is ``self.loss_fn``."""
 

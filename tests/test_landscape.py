@@ -444,6 +444,14 @@ def test_bad_inputs_raise_before_work():
     wrong = Direction({**d.vector, "0.bias": torch.zeros(2, dtype=DT)}, d.info)
     with pytest.raises(ValueError, match="has shape"):
         slice_1d(problem, wrong)
+    forwards: list[int] = []
+    hook = model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        with pytest.raises(ValueError, match="taylor_rtol must be positive, got 0"):
+            slice_1d(problem, d, taylor_rtol=0)
+    finally:
+        hook.remove()
+    assert forwards == []  # refused before the grid was evaluated
 
 
 # ---------------------------------------------------------------- first-layer affine precomputation

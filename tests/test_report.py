@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -322,6 +323,9 @@ def test_bad_inputs_one_clear_error_each(ckpts, tmp_path, capsys):
     assert "unknown information metrics" in _err(
         capsys, _argv(ckpts["iris"], out) + ["--information-metrics", "sharpness"]
     )
+    # a mismatch found only when the loss runs (an IndexError) is one clear error too
+    msg = _err(capsys, _argv(ckpts["iris"], out, data=f"{FIXTURE}:make_bad_targets"))
+    assert "do not fit together: IndexError" in msg
     with pytest.raises(ReportInputError, match="does not exist"):
         build_report(MODULE, tmp_path / "nope.ckpt", DATA, out)
     assert not (out / "report.html").exists()
@@ -362,6 +366,24 @@ def test_information_metrics_skip_undefined_spectral_sums():
     )
     assert out["condition"]["lambda_min"] < -1.0  # seeded: about -217
     assert "logdet" not in out and "indefinite" in out["errors"]["logdet"]
+    # the default set keeps a number that is defined everywhere: the trace
+    from nncurv.report import DEFAULT_INFORMATION_METRICS
+
+    out, text = _information(
+        mlp, torch.nn.CrossEntropyLoss(), data, "mean", {}, DEFAULT_INFORMATION_METRICS, 0
+    )
+    assert math.isfinite(out["trace"]["estimate"]) and "trace" in text, out
     # not a likelihood: reported, not raised
     out, _ = _information(linear, torch.nn.L1Loss(), data, "mean", {}, ("condition",), 0)
     assert out["available"] is False and "not a recognised negative log-likelihood" in out["reason"]
+
+
+def test_max_batches_cuts_a_list_of_batches_but_not_one_batch():
+    from nncurv._report_inputs import resolve_data
+
+    x, y = torch.zeros(4, 2), torch.zeros(4)
+    batches = [(x, y), (x, y), (x, y)]
+    assert resolve_data(batches, None, 2) == batches[:2]
+    assert resolve_data(tuple(batches), None, 1) == batches[:1]
+    one = [x, y]  # a single batch, as a DataLoader yields it
+    assert resolve_data(one, None, 1) is one
