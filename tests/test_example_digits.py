@@ -18,3 +18,16 @@ def test_digits_curvature_example_runs():
     )  # fmt: skip
     assert "Hessian top-5 eigenvalues" in out.stdout
     assert "model state and global RNG unchanged by the analysis: True" in out.stdout
+
+
+def test_training_example_with_the_callback_runs(tmp_path):
+    __import__("pytest").importorskip("sklearn")
+    script = ROOT / "examples" / "train_with_curvature_monitor.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--quick", "--arch", "mlp", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, check=True,
+    )  # fmt: skip
+    assert "lambda_max" in out.stdout and "x 2/lr at step" in out.stdout
+    assert (tmp_path / "digits_mlp.ckpt").is_file()
+    assert f"tensorboard --logdir {tmp_path}" in out.stdout
+    assert list(tmp_path.rglob("events.out.tfevents.*")), "no TensorBoard event file"
