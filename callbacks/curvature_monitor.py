@@ -289,6 +289,7 @@ class CurvatureMonitor(Callback):
         self._num_calls = 0
         self._probe: list[Any] = []
         # run-time only
+        self._keys: dict[str, list[str]] = {}  # scalar keys each metric logged last
         self._loss: Callable[..., Tensor] | None = None
         self._writers: list[Any] = []
         self._world_size = 1
@@ -593,7 +594,19 @@ class CurvatureMonitor(Callback):
             except Exception as err:
                 if self.on_error == "raise":
                     raise
-                self._warn_once("problem", f"CurvatureMonitor: cannot set up the problem: {err}")
+                self._warn_once(
+                    "problem",
+                    f"CurvatureMonitor: cannot set up the problem at step {step}; its metrics "
+                    f"are logged as NaN: {type(err).__name__}: {err}",
+                )
+                for metric in self.metrics:
+                    keys = self._keys.get(metric.name)
+                    if keys is None:  # never computed: the keys that need no problem
+                        try:
+                            keys = metric.names(None)  # type: ignore[arg-type]
+                        except Exception:  # noqa: BLE001 - e.g. per-layer keys need the model
+                            keys = []
+                    merged.scalars.update(dict.fromkeys(keys, math.nan))
                 return merged, costs
             ctx = MetricContext(
                 problem,
@@ -626,6 +639,7 @@ class CurvatureMonitor(Callback):
                     self._warn_once(key, f"CurvatureMonitor: {key}: {msg}")
                 ctx.notes.clear()
                 merged.scalars.update(res.scalars)
+                self._keys[metric.name] = list(res.scalars)
                 merged.histograms.update(res.histograms)
                 merged.densities.update(res.densities)
                 merged.figures.update(res.figures)

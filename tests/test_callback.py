@@ -466,6 +466,25 @@ def test_failing_metric_is_logged_as_nan_with_one_warning(tmp_path):
     assert trainer.global_step == 3  # training went on
 
 
+def test_a_problem_that_cannot_be_built_logs_its_metrics_as_nan(tmp_path):
+    X, y = regression_data(16, 3)
+
+    def per_sample(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (out - target) ** 2  # not reduced: no problem can be built on it
+
+    cb = CurvatureMonitor(per_sample, metrics=["top_eig", "trace"], every_n_steps=1)
+    trainer = make_trainer(tmp_path, [cb], max_steps=2, precision="64-true")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        trainer.fit(Regression(3, lr=0.01), loader(X, y, 4))
+    msgs = [str(w.message) for w in rec if "cannot set up the problem" in str(w.message)]
+    assert len(msgs) == 1 and "logged as NaN" in msgs[0], msgs
+    s, _ = read_events(trainer.logger.log_dir)
+    for key in ("hessian/top_eig_0", "hessian/trace", "hessian/trace_stderr"):
+        assert [st for st, _ in s[P + key]] == [1, 2], key
+        assert all(math.isnan(v) for _, v in s[P + key]), key
+
+
 def test_on_error_raise_propagates(tmp_path):
     X, y = regression_data(16, 3)
     cb = CurvatureMonitor(_nan_loss, metrics=["top_eig"], every_n_steps=1, on_error="raise")
