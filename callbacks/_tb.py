@@ -70,7 +70,7 @@ def custom_scalars_layout(prefix: str, keys: Sequence[str]) -> dict[str, Any]:
                 f"{prefix}hessian/trace_upper",
             ],
         ]
-    if "stability/two_over_lr" in ks:
+    if "stability/two_over_lr" in ks or "hessian/top_eig_0" in ks:  # (lr may be 0 at first)
         charts["Sharpness vs 2/lr"] = [
             "Multiline",
             [f"{p}hessian/top_eig_0$", f"{p}stability/two_over_lr$"],

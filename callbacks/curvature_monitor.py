@@ -687,7 +687,9 @@ class CurvatureMonitor(Callback):
         for logger in trainer.loggers:
             log_scalars(logger, tags, step)
         for w in self._writers:
-            if id(w) not in self._layout_written:
+            # the layout is written once (TensorBoard reads one per run), from a training call:
+            # its charts are those of the training metrics
+            if not group and id(w) not in self._layout_written:
                 self._layout_written.add(id(w))
                 w.add_custom_scalars(custom_scalars_layout(pre, list(scalars)))
             for key, values in out.histograms.items():

@@ -228,3 +228,44 @@ def test_log_scalars_without_tensorboard_calls_log_metrics(monkeypatch):
     lg = Plain()
     tb.log_scalars(lg, {"a": 1.0}, 3)
     assert lg.calls == [(3, {"a": 1.0})]
+
+
+def _layout(log_dir: str) -> dict[str, list[str]]:
+    """The custom-scalars layout in the event files: chart title -> tag regexes."""
+    import glob
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    charts: dict[str, list[str]] = {}
+    for path in glob.glob(f"{log_dir}/**/events.out.tfevents.*", recursive=True):
+        acc = EventAccumulator(path, size_guidance={"tensors": 0})
+        acc.Reload()
+        if "custom_scalars__config__" not in acc.Tags()["tensors"]:
+            continue
+        events = acc.Tensors("custom_scalars__config__")
+        assert len(events) == 1, "one layout per run"
+        layout = layout_pb2.Layout()
+        layout.ParseFromString(events[0].tensor_proto.string_val[0])
+        for category in layout.category:
+            for chart in category.chart:
+                if chart.HasField("multiline"):
+                    charts[chart.title] = list(chart.multiline.tag)
+                else:
+                    charts[chart.title] = [s.value for s in chart.margin.series]
+    return charts
+
+
+def test_layout_comes_from_a_training_call_even_after_a_validation_call(tmp_path):
+    X, y = regression_data(32, 4)
+    # 4 steps an epoch: validation at step 4 comes before the training call at step 6
+    cb = CurvatureMonitor(metrics=["top_eig"], every_n_steps=6, validation=True)
+    trainer = make_trainer(tmp_path / "logs", [cb], max_epochs=2, precision="64-true")
+    data = loader(X, y, 8)
+    trainer.fit(Regression(4, lr=0.0), data, data)  # lr = 0: no 2/lr scalar at all
+    scalars, _ = read_events(trainer.logger.log_dir)
+    assert scalars["curvature/val/hessian/top_eig_0"][0][0] == 4
+    assert [st for st, _ in scalars["curvature/hessian/top_eig_0"]] == [6]
+    charts = _layout(trainer.logger.log_dir)
+    assert charts["Hessian top eigenvalues"] == [r"curvature/hessian/top_eig_\d+$"], charts
+    assert r"curvature/hessian/top_eig_0$" in charts["Sharpness vs 2/lr"], charts
