@@ -285,3 +285,23 @@ def test_reduction_must_agree_with_the_loss_module():
         CurvatureProblem(model, nn.MSELoss(), (X, y), reduction="sum")
     CurvatureProblem(model, nn.MSELoss(reduction="sum"), (X, y), reduction="sum")
     CurvatureProblem(model, lambda o, t: ((o - t) ** 2).sum(), (X, y), reduction="sum")
+
+
+@pytest.mark.parametrize("batchnorm", ["eval", "batch"])
+def test_every_algorithm_leaves_model_and_rng_untouched(batchnorm, device):
+    from nncurv.linalg import diagonal, eigenvalues, ggn_diagonal, spectral_density, trace
+
+    model, loss_fn, (X, y) = case("bn_cnn_eval_mse_mean").make(device)
+    model.train()
+    loss_fn(model(X), y).backward()  # a .grad the analysis must not touch
+    before = _snapshot(model)
+    problem = CurvatureProblem(model, loss_fn, (X, y), batchnorm=batchnorm)
+    H, G = HessianOperator(problem), GGNOperator(problem)
+    eigenvalues(H, 2, which="BE", tol=1e-2)
+    trace(H, 8)
+    diagonal(H, 8)
+    spectral_density(H, num_steps=8)
+    eigenvalues(G, 1, method="power", max_matvecs=20)
+    if batchnorm == "eval":  # (per-sample outputs need running statistics)
+        ggn_diagonal(problem, method="mc")
+    _assert_same(before, model)

@@ -35,7 +35,6 @@ def test_full_krylov_space_gives_exact_nodes_and_weights(device: torch.device) -
     assert_close(slq.weights.sum(1), torch.ones(2, dtype=D), rtol=1e-12, what="weights sum")
     for row in slq.nodes:
         assert_close(torch.sort(row).values, torch.sort(lam).values, rtol=0, atol=1e-9)
-    # the quadrature is exact: n v^T A v equals the trace estimate of that probe
     assert slq.nodes.device.type == device.type
 
 

@@ -173,3 +173,21 @@ def test_trace_diagonal_and_density_of_network_ggn() -> None:
     lam = torch.linalg.eigvalsh((dense + dense.T) / 2)
     assert abs(slq.lambda_max - float(lam[-1])) < 1e-8
     assert slq.negative_mass(-1e-8) == 0.0  # the GGN is PSD
+
+
+@pytest.mark.parametrize(
+    "name", ["mlp_gelu_ce_sum", "cnn_ce_mean", "bn_eval_ce_mean", "transformer_ce_mean"]
+)
+def test_both_ends_of_zoo_hessians_match_an_independent_dense_hessian(name: str) -> None:
+    from tests.reference import dense_hessian
+    from tests.zoo import case
+
+    model, loss_fn, (X, y) = case(name).make("cpu")
+    reduction = getattr(loss_fn, "reduction", "mean")
+    problem = CurvatureProblem(model, loss_fn, (X, y), reduction=reduction)
+    ref = dense_hessian(model, loss_fn, X, y, problem)  # torch.func.hessian, not nncurv
+    lam = torch.linalg.eigvalsh((ref + ref.T) / 2)
+    res = eigenvalues(HessianOperator(problem), k=4, which="BE", tol=1e-9)
+    assert res.converged
+    expected = torch.cat([lam[:2], lam[-2:]])
+    assert_close(res.eigenvalues, expected, rtol=0, atol=1e-7 * float(lam.abs().max()), what=name)
