@@ -450,14 +450,20 @@ def _nan_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return ((out - target) ** 2).mean() * float("nan")
 
 
-def test_failing_metric_is_logged_as_nan_with_one_warning(tmp_path):
+def _fit_warned(tmp_path: Any, loss_fn: Any, max_steps: int) -> tuple[Any, list[str]]:
+    """Top eigenvalue and trace at every step with ``loss_fn``; the warnings raised."""
     X, y = regression_data(16, 3)
-    cb = CurvatureMonitor(_nan_loss, metrics=["top_eig", "trace"], every_n_steps=1)
-    trainer = make_trainer(tmp_path, [cb], max_steps=3, precision="64-true")
+    cb = CurvatureMonitor(loss_fn, metrics=["top_eig", "trace"], every_n_steps=1)
+    trainer = make_trainer(tmp_path, [cb], max_steps=max_steps, precision="64-true")
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         trainer.fit(Regression(3, lr=0.01), loader(X, y, 4))
-    msgs = [str(w.message) for w in rec if "logged as NaN" in str(w.message)]
+    return trainer, [str(w.message) for w in rec]
+
+
+def test_failing_metric_is_logged_as_nan_with_one_warning(tmp_path):
+    trainer, warned = _fit_warned(tmp_path, _nan_loss, 3)
+    msgs = [m for m in warned if "logged as NaN" in m]
     assert len(msgs) == 2, msgs  # one per metric, not one per call
     assert any("'top_eig'" in m and "NaN or Inf" in m for m in msgs)
     s, _ = read_events(trainer.logger.log_dir)
@@ -467,17 +473,11 @@ def test_failing_metric_is_logged_as_nan_with_one_warning(tmp_path):
 
 
 def test_a_problem_that_cannot_be_built_logs_its_metrics_as_nan(tmp_path):
-    X, y = regression_data(16, 3)
-
     def per_sample(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return (out - target) ** 2  # not reduced: no problem can be built on it
 
-    cb = CurvatureMonitor(per_sample, metrics=["top_eig", "trace"], every_n_steps=1)
-    trainer = make_trainer(tmp_path, [cb], max_steps=2, precision="64-true")
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        trainer.fit(Regression(3, lr=0.01), loader(X, y, 4))
-    msgs = [str(w.message) for w in rec if "cannot set up the problem" in str(w.message)]
+    trainer, warned = _fit_warned(tmp_path, per_sample, 2)
+    msgs = [m for m in warned if "cannot set up the problem" in m]
     assert len(msgs) == 1 and "logged as NaN" in msgs[0], msgs
     s, _ = read_events(trainer.logger.log_dir)
     for key in ("hessian/top_eig_0", "hessian/trace", "hessian/trace_stderr"):
