@@ -305,3 +305,45 @@ def test_every_algorithm_leaves_model_and_rng_untouched(batchnorm, device):
     if batchnorm == "eval":  # (per-sample outputs need running statistics)
         ggn_diagonal(problem, method="mc")
     _assert_same(before, model)
+
+
+class _OldStyleSquare(torch.autograd.Function):
+    """An autograd.Function without setup_context: torch.func transforms refuse it."""
+
+    @staticmethod
+    def forward(ctx, x):  # type: ignore[override]
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+
+def test_auto_with_many_batches_names_the_mode_that_works():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 1).double()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return _OldStyleSquare.apply(self.lin(x))
+
+    X, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64)
+    batches = [(X[i : i + 2], y[i : i + 2]) for i in range(0, 20, 2)]  # 10 > 8 batches
+    net = Net()
+    problem = CurvatureProblem(net, nn.MSELoss(), batches)
+    for Op in (HessianOperator, GGNOperator):
+        with pytest.raises(RuntimeError, match="pass it, or a larger max_cached_batches"):
+            Op(problem)
+    H = HessianOperator(problem, mode="cached").to_dense()
+
+    def loss(flat: torch.Tensor) -> torch.Tensor:  # the same loss written out, all samples
+        return nn.functional.mse_loss((X @ flat[:3] + flat[3]).unsqueeze(1) ** 2, y)
+
+    flat0 = torch.cat([net.lin.weight.detach().reshape(-1), net.lin.bias.detach()])
+    ref = torch.autograd.functional.hessian(loss, flat0)
+    assert torch.allclose(H, ref, rtol=1e-10, atol=1e-12)

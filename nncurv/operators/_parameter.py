@@ -228,8 +228,16 @@ class ParameterOperator(LinearOperator):
                 except RuntimeError as err:  # a mode the model lacks; user errors propagate
                     self.mode_errors[m] = f"{type(err).__name__}: {err}"
         if not timings:
+            hint = ""
+            if self.cached_mode in self.modes and self.cached_mode not in self.mode_errors:
+                hint = (
+                    f"; with more than max_cached_batches={self.max_cached_batches} batches "
+                    f"'auto' does not try mode={self.cached_mode!r} (double backward over one "
+                    "kept graph per batch): pass it, or a larger max_cached_batches"
+                )
             raise RuntimeError(
-                f"{type(self).__name__}: no product mode works for this model: {self.mode_errors}"
+                f"{type(self).__name__}: no product mode works for this model: "
+                f"{self.mode_errors}{hint}"
             )
         chosen = min(timings, key=timings.__getitem__)
         key = (type(self).__name__, type(self.problem.model).__name__, tuple(self.mode_errors))
