@@ -24,6 +24,10 @@ from nncurv.callbacks._metrics import (
     MetricContext,
     MetricOutput,
     TopEigenvalues,
+    _bad,
+    _choice,
+    _flag,
+    _int_at_least,
 )
 from nncurv.callbacks._schedule import OverheadBudget, StepSchedule
 from nncurv.callbacks._tb import (
@@ -40,13 +44,7 @@ from typing_extensions import override
 
 from nncurv._state import untouched
 from nncurv.batches import BatchFormat
-from nncurv.problem import (
-    CurvatureProblem,
-    ParamSelection,
-    _is_single_batch,
-    _select,
-    _unwrap,
-)
+from nncurv.problem import CurvatureProblem, ParamSelection, _select, _unwrap, check_reduction
 
 __all__ = ["CurvatureMonitor"]
 
@@ -207,21 +205,15 @@ class CurvatureMonitor(Callback):
         seed: int = 0,
         on_error: Literal["warn", "raise"] = "warn",
     ) -> None:
-        def bad(name: str, value: Any, want: str) -> MisconfigurationException:
-            return MisconfigurationException(
-                f"CurvatureMonitor: {name} must be {want}, got {value!r}"
-            )
-
-        def posint(name: str, value: Any) -> None:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(name, value, "a positive integer")
-
         if loss_fn is not None and not callable(loss_fn):
-            raise bad("loss_fn", loss_fn, "callable")
-        posint("every_n_steps", every_n_steps)
-        posint("points_per_decade", points_per_decade)
-        posint("top_k", top_k)
-        posint("trace_matvecs", trace_matvecs)
+            raise _bad(self, "loss_fn", loss_fn, "callable")
+        for name, count in [
+            ("every_n_steps", every_n_steps),
+            ("points_per_decade", points_per_decade),
+            ("top_k", top_k),
+            ("trace_matvecs", trace_matvecs),
+        ]:
+            _int_at_least(self, name, count)
         for name, value, choices in [
             ("schedule", schedule, ("every", "log")),
             ("reduction", reduction, ("mean", "sum")),
@@ -230,36 +222,33 @@ class CurvatureMonitor(Callback):
             ("on_error", on_error, ("warn", "raise")),
             ("hessian_mode", hessian_mode, ("auto", "cached", *_FUNCTIONAL_MODES)),
         ]:
-            if value not in choices:
-                raise bad(name, value, f"one of {choices}")
-        if not (probe in ("fixed", "fresh") or (isinstance(probe, int) and probe >= 1)):
-            raise bad("probe", probe, "'fixed', 'fresh' or a positive integer")
-        if isinstance(probe, bool):
-            raise bad("probe", probe, "'fixed', 'fresh' or a positive integer")
+            _choice(self, name, value, choices)
+        count = isinstance(probe, int) and not isinstance(probe, bool) and probe >= 1
+        if not (count or probe in ("fixed", "fresh")):
+            raise _bad(self, "probe", probe, "'fixed', 'fresh' or a positive integer")
         if overhead_budget is not None and not (
             isinstance(overhead_budget, (int, float)) and 0 < overhead_budget <= 10
         ):
-            raise bad("overhead_budget", overhead_budget, "None or a fraction > 0 (0.05 = 5 %)")
+            raise _bad(
+                self, "overhead_budget", overhead_budget, "None or a fraction > 0 (0.05 = 5 %)"
+            )
         if not isinstance(prefix, str):
-            raise bad("prefix", prefix, "a string")
+            raise _bad(self, "prefix", prefix, "a string")
         if batch_format is not None and not isinstance(batch_format, BatchFormat):
-            raise bad("batch_format", batch_format, "a BatchFormat")
+            raise _bad(self, "batch_format", batch_format, "a BatchFormat")
         if jacobian_layer is not None and not isinstance(jacobian_layer, str):
-            raise bad("jacobian_layer", jacobian_layer, "None or a module name")
+            raise _bad(self, "jacobian_layer", jacobian_layer, "None or a module name")
         for flag_name, flag in [
             ("at_fit_start", at_fit_start),
             ("at_fit_end", at_fit_end),
             ("validation", validation),
             ("autocast", autocast),
         ]:
-            if not isinstance(flag, bool):
-                raise bad(flag_name, flag, "True or False")
+            _flag(self, flag_name, flag)
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise bad("seed", seed, "an integer")
-        if probe_data is not None and not (
-            _is_single_batch(probe_data) or isinstance(probe_data, Iterable)
-        ):
-            raise bad("probe_data", probe_data, "None, a batch or an iterable of batches")
+            raise _bad(self, "seed", seed, "an integer")
+        if probe_data is not None and not isinstance(probe_data, Iterable):  # (a batch is too)
+            raise _bad(self, "probe_data", probe_data, "None, a batch or an iterable of batches")
         self.metrics = self._build_metrics(metrics, top_k, trace_matvecs, jacobian_layer)
         self.loss_fn = loss_fn
         self.schedule = StepSchedule(schedule, every_n_steps, points_per_decade)
@@ -386,26 +375,24 @@ class CurvatureMonitor(Callback):
                 f"CurvatureMonitor: no loss function; pass loss_fn=... or give "
                 f"{type(pl_module).__name__} one of the attributes {_LOSS_ATTRS}"
             )
-        try:  # the parameter selection and the Jacobian layer must exist in this module
-            _select(_unwrap(pl_module), self.params)
+        # the parameter selection, the Jacobian layer and the reduction must fit this module
+        module = _unwrap(pl_module)
+        try:
+            _select(module, self.params)
         except (TypeError, ValueError) as err:
             raise MisconfigurationException(f"CurvatureMonitor: params: {err}") from err
-        layers = dict(_unwrap(pl_module).named_modules())
+        try:
+            check_reduction(self._loss, self.reduction, owner="the callback")
+        except ValueError as err:
+            raise MisconfigurationException(f"CurvatureMonitor: {err}") from err
+        layers = dict(module.named_modules())
         for metric in self.metrics:
-            layer = getattr(metric, "layer", None) if isinstance(metric, JacobianNorm) else None
-            if layer is not None and layer not in layers:
-                names = ", ".join(n for n in list(layers)[1:13])
+            if isinstance(metric, JacobianNorm) and metric.layer not in (None, *layers):
+                names = ", ".join(list(layers)[1:13])
                 raise MisconfigurationException(
-                    f"CurvatureMonitor: jacobian_layer {layer!r} is not a module of "
+                    f"CurvatureMonitor: jacobian_layer {metric.layer!r} is not a module of "
                     f"{type(pl_module).__name__}; its modules: {names}"
                 )
-        declared = getattr(self._loss, "reduction", None)
-        if declared in ("mean", "sum") and declared != self.reduction:
-            raise MisconfigurationException(
-                f"CurvatureMonitor: the loss function reduces with reduction={declared!r} but "
-                f"the callback was given reduction={self.reduction!r}; pass "
-                f"CurvatureMonitor(reduction={declared!r})"
-            )
         self._writers = []
         if trainer.is_global_zero and not getattr(trainer, "fast_dev_run", False):
             self._writers = tensorboard_writers(trainer.loggers)

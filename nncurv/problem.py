@@ -79,6 +79,16 @@ def _is_single_batch(data: Any) -> bool:
     return False
 
 
+def check_reduction(loss_fn: Any, reduction: str, owner: str = "the problem") -> None:
+    """Raise ``ValueError`` when a loss module's own ``reduction`` is not the declared one."""
+    declared = getattr(loss_fn, "reduction", None)
+    if declared in ("mean", "sum") and declared != reduction:
+        raise ValueError(
+            f"loss_fn reduces with reduction={declared!r} but {owner} was given "
+            f"reduction={reduction!r}; pass reduction={declared!r}"
+        )
+
+
 def _loader_generators(data: Any) -> list[torch.Generator]:
     """The generators a data loader draws its shuffling (and worker seeds) from."""
     found: dict[int, torch.Generator] = {}
@@ -211,12 +221,7 @@ class CurvatureProblem:
             raise TypeError(f"loss_fn must be callable, got {loss_fn!r}")
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        declared = getattr(loss_fn, "reduction", None)
-        if declared in ("mean", "sum") and declared != reduction:
-            raise ValueError(
-                f"loss_fn reduces with reduction={declared!r} but the problem was given "
-                f"reduction={reduction!r}; pass reduction={declared!r}"
-            )
+        check_reduction(loss_fn, reduction)
         if batchnorm not in ("eval", "batch"):
             raise ValueError(f"batchnorm must be 'eval' or 'batch', got {batchnorm!r}")
         if dropout not in ("off", "on"):

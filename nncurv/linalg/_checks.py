@@ -7,7 +7,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from nncurv.operators.base import LinearOperator
+from nncurv.operators.base import LinearOperator, sym_tolerance
 
 Distribution = Literal["rademacher", "gaussian"]
 
@@ -91,12 +91,6 @@ def check_finite(x: Tensor | float, what: str) -> None:
             f"the operator produced NaN or Inf while computing {what}; "
             "check the model, the loss and the data (no estimate is reported)"
         )
-
-
-def sym_tolerance(dtype: torch.dtype) -> float:
-    """Relative asymmetry above which a computed projection is taken as non-symmetric."""
-    eps = torch.finfo(dtype).eps
-    return max(100.0 * eps**0.5, 1e-6)
 
 
 def check_symmetric(

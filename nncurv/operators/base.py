@@ -132,6 +132,12 @@ class LinearOperator:
         return f"{type(self).__name__}(n={self.shape[0]}, dtype={self.dtype}, device={self.device})"
 
 
+def sym_tolerance(dtype: torch.dtype) -> float:
+    """Relative asymmetry above which a matrix or a computed projection is non-symmetric."""
+    eps = torch.finfo(dtype).eps
+    return max(100.0 * eps**0.5, 1e-6)
+
+
 class MatrixOperator(LinearOperator):
     r"""An explicit dense matrix seen as an operator (tests, small problems, known spectra).
 
@@ -157,7 +163,7 @@ class MatrixOperator(LinearOperator):
         if symmetric and A.numel() and A.is_floating_point():
             scale = float(A.abs().max())
             asym = float((A - A.T).abs().max())
-            tol = max(100.0 * torch.finfo(A.dtype).eps ** 0.5, 1e-6)
+            tol = sym_tolerance(A.dtype)
             # (non-finite entries are left to the algorithms, which report them as such)
             if math.isfinite(scale) and asym > tol * scale:
                 raise ValueError(
