@@ -23,7 +23,13 @@ from nncurv._information_results import (
     dense_tol,
     not_pd,
 )
-from nncurv.linalg._checks import check_finite, check_int, check_operator, make_generator
+from nncurv.linalg._checks import (
+    check_finite,
+    check_int,
+    check_operator,
+    make_generator,
+    random_probes,
+)
 from nncurv.operators.base import LinearOperator
 
 __all__ = ["resolve_subset", "standard_errors", "takeuchi_criterion"]
@@ -246,7 +252,7 @@ def takeuchi_criterion(
         value = float(((U.T @ C @ U).diagonal() / lam).sum())
         return TICResult(value, 0.0, n, damping, "dense", n, time.perf_counter() - t0, True)
     gen = make_generator(op, None, seed)
-    V = (2 * torch.randint(0, 2, (n, num_probes), generator=gen, device=op.device) - 1).to(op.dtype)
+    V = random_probes(op, num_probes, "rademacher", gen)
     try:
         r = conjugate_gradients(op, V, shift=damping, tol=tol, max_iter=max_iter)
     except NotPositiveDefiniteError as err:

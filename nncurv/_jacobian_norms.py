@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from nncurv._jacobian_operator import JacobianMode, PerSampleJacobian
+from nncurv.linalg._checks import draw_probes
 
 __all__ = [
     "ProbeSide",
@@ -42,23 +43,6 @@ def choose_side(op: PerSampleJacobian, side: ProbeSide) -> Literal["input", "out
     if side not in ("input", "output"):
         raise ValueError(f"side must be 'auto', 'input' or 'output', got {side!r}")
     return side
-
-
-def draw_probes(
-    shape: tuple[int, ...],
-    distribution: Distribution,
-    *,
-    dtype: torch.dtype,
-    device: torch.device,
-    generator: torch.Generator,
-) -> Tensor:
-    r"""Draw i.i.d. probes with :math:`\mathbb{E}[v v^\top] = I` from ``generator``."""
-    if distribution == "rademacher":
-        bits = torch.randint(0, 2, shape, generator=generator, device=device)
-        return bits.to(dtype).mul_(2).sub_(1)
-    if distribution == "gaussian":
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
 
 
 def _std_error(samples: Tensor) -> Tensor:

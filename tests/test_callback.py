@@ -671,3 +671,37 @@ def test_learned_product_mode_matmat_strategy_and_probe_without_setup(tmp_path):
     for i in range(3):
         by_hand.on_train_batch_start(None, None, (X[i : i + 1], y[i : i + 1]), i)  # type: ignore[arg-type]
     assert [float(b[0][0, 0]) for b in by_hand._probe] == [float(X[0, 0]), float(X[1, 0])]
+
+
+def test_lightning_does_not_dispatch_the_per_batch_hooks_the_monitor_does_not_need(tmp_path):
+    """Lightning dispatches every hook of every callback at every batch (about 3 us each, in
+    its profiler's context): the monitor hides the ones it does not need and Lightning skips
+    them, while those a configuration or a subclass needs are kept. The probe is still the first
+    training batch, and probes taken at the batch end or at its start are the same."""
+    X, y = regression_data(32, 3)
+    unused = ["on_before_backward", "on_after_backward", "on_before_optimizer_step"]
+    unused += ["on_before_zero_grad", "on_validation_batch_end", "on_train_batch_start"]
+
+    class Subclass(CurvatureMonitor):
+        def on_before_backward(self, *args: Any) -> None:
+            self.seen = getattr(self, "seen", 0) + 1
+
+    def fit(cb: CurvatureMonitor) -> set[str]:
+        trainer = make_trainer(tmp_path, [cb], max_steps=4, profiler="simple", precision="64-true")
+        trainer.fit(Regression(3, lr=0.01), loader(X, y, 4))
+        pre = f"[Callback]{cb.state_key}."
+        return {k[len(pre) :] for k in trainer.profiler.recorded_durations if k.startswith(pre)}
+
+    plain = CurvatureMonitor(metrics=["top_eig"], every_n_steps=2, probe=2)
+    hooks = fit(plain)
+    assert "on_train_batch_end" in hooks and not hooks & set(unused), hooks
+    assert plain._num_calls == 2
+    assert torch.equal(plain._probe[0][0], X[:4]) and torch.equal(plain._probe[1][0], X[4:8])
+
+    at_start = CurvatureMonitor(metrics=["top_eig"], every_n_steps=2, probe=2, at_fit_start=True)
+    assert "on_train_batch_start" in fit(at_start)
+    assert at_start._num_calls == 3
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(at_start._probe, plain._probe, strict=True))
+
+    sub = Subclass(metrics=["top_eig"], every_n_steps=2)
+    assert "on_before_backward" in fit(sub) and sub.seen == 4

@@ -17,6 +17,7 @@ __all__ = [
     "check_operator",
     "check_int",
     "make_generator",
+    "draw_probes",
     "random_probes",
     "check_finite",
     "check_symmetric",
@@ -70,17 +71,35 @@ def make_generator(
     return generator
 
 
+def draw_probes(
+    shape: tuple[int, ...],
+    distribution: Distribution,
+    *,
+    dtype: torch.dtype,
+    device: torch.device,
+    generator: torch.Generator,
+) -> Tensor:
+    r"""Draw i.i.d. probes with :math:`\mathbb{E}[v v^\top] = I` from ``generator``."""
+    if distribution == "rademacher":
+        # uint8 bits: an eighth of the memory traffic of int64, half the time on CPU
+        bits = torch.randint(0, 2, shape, generator=generator, device=device, dtype=torch.uint8)
+        return bits.to(dtype).mul_(2).sub_(1)
+    if distribution == "gaussian":
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
+
+
 def random_probes(
     op: LinearOperator, k: int, distribution: str, generator: torch.Generator
 ) -> Tensor:
     r"""Return ``(n, k)`` probes on the operator's device with :math:`E[vv^\top] = I`."""
-    n = op.shape[0]
-    if distribution == "rademacher":
-        bits = torch.randint(0, 2, (n, k), generator=generator, device=op.device)
-        return (2 * bits - 1).to(op.dtype)
-    if distribution == "gaussian":
-        return torch.randn(n, k, generator=generator, device=op.device, dtype=op.dtype)
-    raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
+    return draw_probes(
+        (op.shape[0], k),
+        distribution,  # type: ignore[arg-type]
+        dtype=op.dtype,
+        device=op.device,
+        generator=generator,
+    )
 
 
 def check_finite(x: Tensor | float, what: str) -> None:
