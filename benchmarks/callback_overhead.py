@@ -146,7 +146,7 @@ def main() -> None:
             root,
             {
                 "plain": lambda: None,
-                "empty": lambda: pl.Callback(),  # Lightning's dispatch of a callback's hooks
+                "empty": lambda: pl.Callback(),  # Lightning's dispatch of all of a callback's hooks
                 "default": lambda: CurvatureMonitor(),
                 "budget": lambda: CurvatureMonitor(
                     metrics=["top_eig", "trace", "gradient"],
@@ -179,8 +179,8 @@ def main() -> None:
         over_e = (med["empty"] / med["plain"] - 1, best["empty"] / best["plain"] - 1)
         print(
             f"  empty pl.Callback()           {med['empty']:.3f} s   overhead {over_e[0]:+.1%} / "
-            f"{over_e[1]:+.1%} (Lightning calls every callback's hooks at every step; no callback "
-            "can avoid or measure this from inside its hooks)"
+            f"{over_e[1]:+.1%} (Lightning dispatches each of a callback's per-batch hooks at every "
+            "step, about 3 us each; CurvatureMonitor hides the ones it does not need)"
         )
         over = (med["default"] / med["plain"] - 1, best["default"] / best["plain"] - 1)
         print(

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.linalg import vector_norm
 
 from nncurv.linalg._checks import NonFiniteError, sym_tolerance
 from nncurv.operators.base import LinearOperator
@@ -145,7 +146,7 @@ def krylov_schur(
     f64 = torch.float64
     H = torch.zeros(ncv + b, ncv + b, dtype=f64)
     if b == 1:  # (a QR of one column is its normalisation)
-        Vt[0] = start[:, 0] / start[:, 0].norm()
+        Vt[0] = start[:, 0] / vector_norm(start[:, 0])
     else:
         Q0, _ = torch.linalg.qr(start)
         Vt[:b] = Q0.T
@@ -156,7 +157,9 @@ def krylov_schur(
     sym_tol = sym_tolerance(op.dtype)
     theta = torch.zeros(0, dtype=f64)
     S = torch.zeros(0, 0, dtype=f64)
-    res = torch.zeros(0, dtype=f64)
+    res_l: list[float] = []
+    hmax = 0.0  # largest |entry| of H[:m, :m]
+    coupling_max = 0.0  # largest |entry| of the coupling H[m:m+b, :m]
     wanted_l: list[int] = []
     converged = False
     while True:
@@ -166,7 +169,8 @@ def krylov_schur(
         else:
             Wt = op.matvec(block[0]).unsqueeze(0)
         nmv += bw
-        scale_t = Wt.norm() if bw == 1 else Wt.norm(dim=1).max()
+        # (torch.linalg.vector_norm: Tensor.norm goes through a Python wrapper, ~10 us a call)
+        scale_t = vector_norm(Wt) if bw == 1 else vector_norm(Wt, dim=1).max()
         Vc = Vt[: m + bw]
         # classical Gram-Schmidt twice, each pass one product and one fused update
         h = Vc @ Wt.T
@@ -179,30 +183,41 @@ def krylov_schur(
         nb = min(b, dims_left)
         # one synchronisation: the product's scale, the new column of H and, for Lanczos, the
         # norm of the next vector
-        nrm = Wt.norm() if b == 1 and nb else None
+        nrm = vector_norm(Wt) if b == 1 and nb else None
         parts = [scale_t.reshape(1), h.reshape(-1)] + ([nrm.reshape(1)] if nrm is not None else [])
         vals = torch.cat(parts).to(host, f64)
-        scale = float(vals[0])
+        vl = vals.tolist()  # the same numbers as Python floats, for the scalar tests below
+        scale = vl[0]
         if not math.isfinite(scale):
             raise NonFiniteError(
                 f"the operator produced NaN or Inf at product {nmv}; no eigenvalues reported"
             )
+        column = vl[1 : 1 + m * bw]
         H[:m, m_old:m] = vals[1 : 1 + m * bw].reshape(m, bw)
+        # H[:m, :m] gained this column and the coupling of the previous step: its largest entry
+        hmax = max(hmax, coupling_max, max(map(abs, column)))
+        coupling: float | None = None  # Lanczos: the single entry of the next coupling C
         if nb:
-            if nrm is not None and float(vals[-1]) > 1e-3 * scale:
+            if nrm is not None and vl[-1] > 1e-3 * scale:
                 # Lanczos, healthy step: W was orthogonalised twice above ("twice is enough",
                 # Giraud et al. 2005), so it only needs normalising
                 torch.div(Wt[0], nrm, out=Vt[m])
-                H[m, m_old] = vals[-1]
+                H[m, m_old] = coupling = vl[-1]
+                coupling_max = abs(coupling)
             else:  # a block, or a (near) breakdown: the careful path
                 Q, Rn = _orthonormalise_block(Wt.T, Vt[:m].T, generator, nb, scale)
                 Vt[m : m + nb] = Q.T
                 H[m : m + nb, m_old:m] = Rn.to(host, f64)
+                coupling_max = float(H[m : m + nb, m_old:m].abs().max())
         # convergence and sanity tests on the small projected problem, on the host
-        Hm = H[:m, :m]
-        hmax = float(Hm.abs().max())
-        asym = float((H[:m_old, m_old:m] - H[m_old:m, :m_old].T).abs().max()) if m_old else 0.0
-        if hmax != hmax or hmax == float("inf"):
+        if m_old == 0:
+            asym = 0.0
+        elif bw == 1:  # the new column above the diagonal against the row written before
+            row = H[m_old, :m_old].tolist()
+            asym = max(abs(a - c) for a, c in zip(column, row))
+        else:
+            asym = float((H[:m_old, m_old:m] - H[m_old:m, :m_old].T).abs().max())
+        if not math.isfinite(hmax):
             raise NonFiniteError(
                 f"the operator produced NaN or Inf after {nmv} products; no eigenvalues reported"
             )
@@ -211,10 +226,16 @@ def krylov_schur(
                 f"op is not symmetric: projections differ by {asym:.3e} relative to "
                 f"{hmax:.3e} (tolerance {sym_tol:.1e}); eigenvalues() needs a symmetric operator"
             )
+        Hm = H[:m, :m]
         theta, S = torch.linalg.eigh((Hm + Hm.T) / 2)
-        C = H[m : m + nb, :m]
-        res = (C @ S).norm(dim=0) if nb > 0 else torch.zeros_like(theta)
-        theta_l, res_l = theta.tolist(), res.tolist()
+        theta_l = theta.tolist()
+        if nb == 0:
+            res_l = [0.0] * m
+        elif coupling is not None:
+            # C = coupling * e_m^T: the residuals are |coupling * S[m-1, :]|
+            res_l = [abs(coupling * x) for x in S[m - 1].tolist()]
+        else:
+            res_l = vector_norm(H[m : m + nb, :m] @ S, dim=0).tolist()
         wanted_l = select(theta_l, k, which)
         if m >= k or nb == 0:
             floor = 1e3 * eps * max(hmax, abs(theta_l[0]), abs(theta_l[-1]))
@@ -235,10 +256,12 @@ def krylov_schur(
             nxt = Vt[m : m + nb].clone()
             Vt[:p] = new_basis
             Vt[p : p + nb] = nxt
-            Cn = C @ Sk
+            Cn = H[m : m + nb, :m] @ Sk
             H.zero_()
             H[:p, :p] = torch.diag(theta[keep])
             H[p : p + nb, :p] = Cn
+            hmax = max(abs(theta_l[i]) for i in keep)
+            coupling_max = float(Cn.abs().max())
             m = p
         bw = nb
     wanted = torch.tensor(wanted_l, dtype=torch.long)
@@ -247,7 +270,7 @@ def krylov_schur(
     return KrylovOutput(
         theta=theta[wanted].to(dev, op.dtype),
         vectors=vectors,
-        residuals=res[wanted].to(dev, op.dtype),
+        residuals=torch.tensor([res_l[i] for i in wanted_l], dtype=op.dtype, device=dev),
         converged=converged,
         num_matvecs=nmv,
         basis=Vt[:m].T if return_basis else None,  # a view: no copy of a large basis
