@@ -428,18 +428,12 @@ class CurvatureProblem:
 
     def unflatten(self, vector: Tensor) -> dict[str, Tensor]:
         """Split a flat vector (or a ``(n, k)`` matrix, columns as vectors) into a dict."""
-        out: dict[str, Tensor] = {}
-        offset = 0
-        for n in self.param_names:
-            size = self.shapes[n].numel()
-            chunk = vector[offset : offset + size]
-            out[n] = (
-                chunk.reshape(self.shapes[n])
-                if vector.ndim == 1
-                else chunk.reshape(*self.shapes[n], *vector.shape[1:])
-            )
-            offset += size
-        return out
+        # one split into views, then one reshape (a view) per parameter
+        chunks = torch.split(vector, self._sizes)
+        if vector.ndim == 1:
+            return {n: c.reshape(self.shapes[n]) for n, c in zip(self.param_names, chunks)}
+        rest = vector.shape[1:]
+        return {n: c.reshape(*self.shapes[n], *rest) for n, c in zip(self.param_names, chunks)}
 
     # ------------------------------------------------------------------ subsets
     def with_params(self, params: ParamSelection) -> CurvatureProblem:
@@ -460,6 +454,7 @@ class CurvatureProblem:
         all_params = dict(self.model.named_parameters())
         self.params: dict[str, Tensor] = {n: all_params[n].detach() for n in self.param_names}
         self.shapes = {n: p.shape for n, p in self.params.items()}
+        self._sizes = [self.shapes[n].numel() for n in self.param_names]
         self.num_params = sum(p.numel() for p in self.params.values())
         self._fixed: dict[str, Tensor] = {
             n: p.detach() for n, p in all_params.items() if n not in selected

@@ -140,7 +140,9 @@ class ParameterOperator(LinearOperator):
     def _prepare(self, batch: Batch, mode: str) -> BatchProduct:
         raise NotImplementedError
 
-    def _for_each_batch(self, fn: Callable[[BatchProduct], Tensor], init: Tensor) -> Tensor:
+    def _for_each_batch(
+        self, fn: Callable[[BatchProduct], Tensor], init: Callable[[], Tensor]
+    ) -> Tensor:
         if not self._unverified:
             return self._run(fn, init)
         # "auto" chose the cached mode without spending a product on a probe: the first real
@@ -156,7 +158,8 @@ class ParameterOperator(LinearOperator):
         self._unverified = False
         return out
 
-    def _run(self, fn: Callable[[BatchProduct], Tensor], init: Tensor) -> Tensor:
+    def _run(self, fn: Callable[[BatchProduct], Tensor], init: Callable[[], Tensor]) -> Tensor:
+        """Sum ``fn`` over the batches (``init()``: the result without any batch on this rank)."""
         total: Tensor | None = None
         cached = self.mode == self.cached_mode
         if cached and self._cache and len(self._cache) == self.problem.num_batches:
@@ -175,18 +178,18 @@ class ParameterOperator(LinearOperator):
                         prod = self._prepare(batch, self.mode)
                     r = fn(prod)
                     total = r if total is None else total + r
-        return self.problem.all_reduce(init if total is None else total)
+        return self.problem.all_reduce(init() if total is None else total)
 
     def _matvec(self, v: Tensor) -> Tensor:
         vd = self.unflatten(v)
-        zero = torch.zeros_like(v)
-        return self._for_each_batch(lambda p: self.flatten(p.mv(vd)), zero)
+        return self._for_each_batch(lambda p: self.flatten(p.mv(vd)), lambda: torch.zeros_like(v))
 
     def _matmat(self, V: Tensor) -> Tensor:
         k = V.shape[1]
         Vd = self._split_columns(V)
-        zero = torch.zeros_like(V)
-        return self._for_each_batch(lambda p: self._join_columns(p.mm(Vd), k), zero)
+        return self._for_each_batch(
+            lambda p: self._join_columns(p.mm(Vd), k), lambda: torch.zeros_like(V)
+        )
 
     def release(self) -> None:
         """Free the graphs kept by the cached mode (they are rebuilt on the next product)."""
