@@ -8,7 +8,8 @@ see the same machine conditions), and reports:
    and the Hessian-vector products it spent; each metric alone, and the trace also after the
    top eigenvalue as in the default pair (where it deflates their Krylov basis);
 2. with the default settings (top eigenvalue + trace every 200 steps): the total overhead
-   (median fit time with / without - 1) and the curvature records per 1000 steps;
+   (the median over the rounds of the fit time with / without - 1; rounds alternate their
+   order) and the curvature records per 1000 steps;
 3. the overhead budget: top eigenvalue + trace + gradient view scheduled at *every* step with
    ``overhead_budget=0.05`` (about 10x over budget) must end within a percentage point of 5 %.
 
@@ -97,15 +98,30 @@ CPU_TIMES: list[float] = []
 def interleaved(
     arch: str, steps: int, root: Path, make: dict[str, Any], repeat: int
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
-    """Wall and process CPU times of each configuration, measured round-robin."""
+    """Wall and process CPU times of each configuration, measured round-robin.
+
+    The order is reversed every other round (A B C, C B A, ...), so that a drift of the
+    machine's speed during a round does not favour the configurations that come first.
+    """
     times: dict[str, list[float]] = {k: [] for k in make}
     cpu: dict[str, list[float]] = {k: [] for k in make}
     fit(arch, 20, root, None)  # warm-up (imports, allocator)
-    for _ in range(repeat):
-        for k, factory in make.items():
+    for r in range(repeat):
+        items = list(make.items())
+        for k, factory in reversed(items) if r % 2 else items:
             times[k].append(fit(arch, steps, root, factory())[0])
             cpu[k].append(CPU_TIMES[-1])
     return times, cpu
+
+
+def paired(times: dict[str, list[float]], key: str) -> float:
+    """Median over the rounds of ``key``'s time over the round's plain time, minus 1.
+
+    The plain time of a round is the mean of its two plain arms. Ratios within a round share
+    the machine's conditions, so their median is steadier than a ratio of medians.
+    """
+    base = [(a + b) / 2 for a, b in zip(times["plain"], times["plain (again)"])]
+    return statistics.median(t / b - 1 for t, b in zip(times[key], base))
 
 
 def per_metric(arch: str, root: Path, step_time: float, every: int, steps: int) -> None:
@@ -158,13 +174,13 @@ def main() -> None:
             args.repeat,
         )
         med = {k: statistics.median(v) for k, v in times.items()}
-        cmed = {k: statistics.median(v) for k, v in cpu.items()}
         best = {k: min(v) for k, v in times.items()}  # contention only ever adds time
-        # the baseline pools both plain arms; their difference shows the noise floor
-        noise = med["plain (again)"] / med["plain"] - 1
+        # the two plain arms of a round differ only by noise: the noise floor of the ratios
+        noise = statistics.median(a / b - 1 for a, b in zip(times["plain (again)"], times["plain"]))
         med["plain"] = statistics.median(times["plain"] + times["plain (again)"])
-        cmed["plain"] = statistics.median(cpu["plain"] + cpu["plain (again)"])
         best["plain"] = min(times["plain"] + times["plain (again)"])
+        over = {k: (paired(times, k), best[k] / best["plain"] - 1) for k in times}
+        cpu_over = {k: paired(cpu, k) for k in cpu}
         step_time = med["plain"] / args.steps
         default_cb = CurvatureMonitor()
         default_time, mem = fit(arch, args.steps, root, default_cb, memory=True)
@@ -180,25 +196,25 @@ def main() -> None:
         per_metric(arch, root, step_time, every=50, steps=min(args.steps, 600))
         print(
             f"\n[{arch}] fit of {args.steps} steps, {args.repeat} interleaved repetitions "
-            "(overhead from the medians / from the minima)"
+            "(overhead: median of the per-round ratios / ratio of the minima)"
         )
         print(
-            f"  plain                         {med['plain']:.3f} s   (two plain arms, pooled; "
-            f"their medians differ by {noise:+.1%}: the noise floor of the percentages below)"
+            f"  plain                         {med['plain']:.3f} s   (two plain arms per round; "
+            f"they differ by {noise:+.1%}: the noise floor of the percentages below)"
         )
-        over_e = (med["empty"] / med["plain"] - 1, best["empty"] / best["plain"] - 1)
+        over_e = over["empty"]
         print(
             f"  empty pl.Callback()           {med['empty']:.3f} s   overhead {over_e[0]:+.1%} / "
             f"{over_e[1]:+.1%} (Lightning dispatches each of a callback's per-batch hooks at every "
             "step, about 3 us each; CurvatureMonitor hides the ones it does not need)"
         )
-        over = (med["default"] / med["plain"] - 1, best["default"] / best["plain"] - 1)
+        over_d = over["default"]
         print(
-            f"  default CurvatureMonitor()    {med['default']:.3f} s   overhead {over[0]:+.1%} / "
-            f"{over[1]:+.1%}, {1000 * calls / args.steps:.0f} records per 1000 steps; its own "
+            f"  default CurvatureMonitor()    {med['default']:.3f} s   overhead {over_d[0]:+.1%} / "
+            f"{over_d[1]:+.1%}, {1000 * calls / args.steps:.0f} records per 1000 steps; its own "
             f"accounting (calls, per-step hooks, slower steps after calls): {default_own:.1%}"
         )
-        over_b = (med["budget"] / med["plain"] - 1, best["budget"] / best["plain"] - 1)
+        over_b = over["budget"]
         ok = "holds" if abs(over_b[0] - args.budget) <= 0.01 else "MISSED"
         print(
             f"  every step, budget {args.budget:.0%}       {med['budget']:.3f} s   overhead "
@@ -207,8 +223,7 @@ def main() -> None:
         )
         print(
             f"  process CPU time (less sensitive to other jobs on the machine): default "
-            f"{cmed['default'] / cmed['plain'] - 1:+.1%}, budget "
-            f"{cmed['budget'] / cmed['plain'] - 1:+.1%}"
+            f"{cpu_over['default']:+.1%}, budget {cpu_over['budget']:+.1%}"
         )
         print(
             f"    (the callback's own accounting: {own[-1]:.1%} of the rest of training after "
