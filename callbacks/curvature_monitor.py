@@ -138,11 +138,13 @@ class CurvatureMonitor(Callback):
     weights (deterministic settings). Computations run in the parameters' dtype with autocast
     disabled (float32 under ``*-mixed`` precision) unless ``autocast=True``.
 
-    Between calls the monitor costs a few microseconds a step: Lightning dispatches every
-    per-batch hook of every callback at every step (about 3 us each), so the hooks this
-    configuration does not need are set to ``None`` on the instance at ``setup``, which Lightning
-    skips; ``on_train_batch_end`` remains (and ``on_train_batch_start`` with ``at_fit_start``,
-    ``on_validation_batch_end`` with ``validation``, and any hook a subclass overrides).
+    Between calls the monitor costs a few microseconds a step. Lightning dispatches every
+    per-batch hook of every callback at every step (about 3 us each), so at ``setup`` the hooks
+    this run does not need are set to ``None`` on the instance, which Lightning skips, and at
+    ``teardown`` they are shown again. ``on_train_batch_end`` remains;
+    ``on_train_batch_start`` runs until the probe batches are taken (before the training step
+    can change them) and the call at step 0 is made; ``on_validation_batch_end`` runs with
+    ``validation``; hooks a subclass overrides or the user sets on the instance are kept.
 
     Under DDP every rank takes part in each product (the distributed operator all-reduces
     each matrix-vector product; probes come from identically seeded generators), so the metrics
@@ -310,7 +312,7 @@ class CurvatureMonitor(Callback):
         self._fast_dev_run = False
         # probe batches to collect from the first training batches
         self._probe_wanted = 0
-        self._probe_at_start = True  # (until setup hides on_train_batch_start)
+        self._hooks_hidden = False  # by _select_hooks (Lightning's setup) until teardown
         if probe_data is None and probe != "fresh":
             self._probe_wanted = 1 if probe == "fixed" else int(probe)
         self._layout_written: set[int] = set()
@@ -376,29 +378,62 @@ class CurvatureMonitor(Callback):
         return key
 
     # ------------------------------------------------------------------ setup
+    def _start_hook_needed(self) -> bool:
+        """Whether ``on_train_batch_start`` still has work: probes to take, the call at step 0."""
+        return self._probe_wanted > len(self._probe) or (self.at_fit_start and self._last_step < 0)
+
+    def _hide(self, name: str) -> None:
+        """Set hook ``name`` to ``None`` on the instance, which Lightning skips.
+
+        Not done for a hook a subclass overrides or the user set on the instance.
+        """
+        impl = getattr(type(self), name)
+        own = impl is getattr(Callback, name) or impl is getattr(CurvatureMonitor, name)
+        if own and name not in self.__dict__:
+            setattr(self, name, None)
+
     def _select_hooks(self) -> None:
         """Hide the per-batch hooks this run does not need from Lightning's dispatch.
 
-        Needed are ``on_train_batch_start`` with ``at_fit_start`` (the call before the first
-        step), ``on_validation_batch_end`` with ``validation``, and any hook a subclass
-        overrides; ``on_train_batch_end`` is always kept.
+        Kept are ``on_train_batch_end``; ``on_train_batch_start`` while probe batches are to be
+        taken (before the training step can change them) or the call at step 0 is pending (it
+        hides itself afterwards); ``on_validation_batch_end`` with ``validation``; any hook a
+        subclass overrides or the user set on the instance. :meth:`teardown` (or an exception)
+        shows them again, so that the hooks can be called by hand outside fitting.
         """
+        self._show_hooks()
         needed = {
-            "on_train_batch_start": self.at_fit_start,
+            "on_train_batch_start": self._start_hook_needed(),
             "on_validation_batch_end": self.validation,
         }
         for name in _BATCH_HOOKS:
-            self.__dict__.pop(name, None)
-            impl = getattr(type(self), name)
-            own = impl is getattr(Callback, name) or impl is getattr(CurvatureMonitor, name)
-            if own and not needed.get(name, False):
-                setattr(self, name, None)
-        # the probe batches are taken by the first hook that sees them
-        self._probe_at_start = self.on_train_batch_start is not None
+            if not needed.get(name):
+                self._hide(name)
+        self._hooks_hidden = True
+
+    def _show_hooks(self) -> None:
+        for name in _BATCH_HOOKS:
+            if name in self.__dict__ and self.__dict__[name] is None:
+                del self.__dict__[name]
+        self._hooks_hidden = False
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._show_hooks()
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        self._show_hooks()
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._select_hooks()
+        self._configure(trainer, pl_module, stage)
+
+    def _configure(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Resolve the loss, check the module and find the TensorBoard writers (``setup``)."""
         if stage not in ("fit", "validate"):
             return
         if stage == "validate" and not self.validation:
@@ -460,12 +495,14 @@ class CurvatureMonitor(Callback):
     def on_train_batch_start(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        # (dispatched only when at_fit_start or a subclass needs it, see _select_hooks)
-        if self._probe_at_start and self._probe_wanted > len(self._probe):
+        # the probe is taken here, before the training step can change the batch in place
+        if self._probe_wanted > len(self._probe):
             self._probe.append(_clone(batch))
         if self.at_fit_start and self._last_step < 0 and trainer.global_step == 0:
             self._last_step = 0
             self._run(trainer, pl_module, batch, 0)
+        if self._hooks_hidden and not self._start_hook_needed():
+            self._hide("on_train_batch_start")  # its work is done: no more dispatches
 
     @override
     def on_train_batch_end(
@@ -480,8 +517,6 @@ class CurvatureMonitor(Callback):
         # callback's in the overhead budget
         t0 = time.perf_counter()
         self.budget.tick(t0)
-        if not self._probe_at_start and self._probe_wanted > len(self._probe):
-            self._probe.append(_clone(batch))
         if self.at_fit_end:
             self._last_batch = batch
         step = trainer.global_step
@@ -591,7 +626,7 @@ class CurvatureMonitor(Callback):
         at_step: bool = False,
     ) -> None:
         if self._loss is None:  # hooks called without setup (e.g. by hand)
-            self.setup(trainer, pl_module, "fit")
+            self._configure(trainer, pl_module, "fit")
         _sync(pl_module)
         t0 = time.perf_counter()
         out = self._compute(trainer, pl_module, data or self._probe_batches(batch), step)

@@ -676,32 +676,47 @@ def test_learned_product_mode_matmat_strategy_and_probe_without_setup(tmp_path):
 def test_lightning_does_not_dispatch_the_per_batch_hooks_the_monitor_does_not_need(tmp_path):
     """Lightning dispatches every hook of every callback at every batch (about 3 us each, in
     its profiler's context): the monitor hides the ones it does not need and Lightning skips
-    them, while those a configuration or a subclass needs are kept. The probe is still the first
-    training batch, and probes taken at the batch end or at its start are the same."""
+    them. ``on_train_batch_start`` runs only until the probes are taken (before the training step,
+    which may change the batch in place) and the call at step 0 is made; hooks a subclass
+    overrides or the user sets on the instance are kept; after fitting every hook can be called
+    by hand again."""
     X, y = regression_data(32, 3)
     unused = ["on_before_backward", "on_after_backward", "on_before_optimizer_step"]
-    unused += ["on_before_zero_grad", "on_validation_batch_end", "on_train_batch_start"]
+    unused += ["on_before_zero_grad", "on_validation_batch_end"]
 
     class Subclass(CurvatureMonitor):
         def on_before_backward(self, *args: Any) -> None:
             self.seen = getattr(self, "seen", 0) + 1
 
-    def fit(cb: CurvatureMonitor) -> set[str]:
+    class Mutating(Regression):
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            batch[0] = torch.zeros_like(batch[0])  # the (list) batch changed in place
+            return super().training_step(batch, batch_idx)
+
+    def fit(cb: CurvatureMonitor, model: Any = None) -> dict[str, int]:
         trainer = make_trainer(tmp_path, [cb], max_steps=4, profiler="simple", precision="64-true")
-        trainer.fit(Regression(3, lr=0.01), loader(X, y, 4))
+        trainer.fit(model or Regression(3, lr=0.01), loader(X, y, 4))
         pre = f"[Callback]{cb.state_key}."
-        return {k[len(pre) :] for k in trainer.profiler.recorded_durations if k.startswith(pre)}
+        durations = trainer.profiler.recorded_durations  # type: ignore[attr-defined]
+        return {k[len(pre) :]: len(v) for k, v in durations.items() if k.startswith(pre)}
 
     plain = CurvatureMonitor(metrics=["top_eig"], every_n_steps=2, probe=2)
-    hooks = fit(plain)
-    assert "on_train_batch_end" in hooks and not hooks & set(unused), hooks
+    hooks = fit(plain, Mutating(3, lr=0.01))
+    assert hooks["on_train_batch_end"] == 4 and hooks["on_train_batch_start"] == 2, hooks
+    assert not set(hooks) & set(unused), hooks
     assert plain._num_calls == 2
     assert torch.equal(plain._probe[0][0], X[:4]) and torch.equal(plain._probe[1][0], X[4:8])
+    batch = [X[:4], y[:4]]
+    plain.on_train_batch_start(None, None, batch, 0)  # type: ignore[arg-type] # by hand, after
+    plain.on_before_backward(None, None, None)  # type: ignore[arg-type]
 
-    at_start = CurvatureMonitor(metrics=["top_eig"], every_n_steps=2, probe=2, at_fit_start=True)
-    assert "on_train_batch_start" in fit(at_start)
-    assert at_start._num_calls == 3
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(at_start._probe, plain._probe, strict=True))
+    at_start = CurvatureMonitor(metrics=["top_eig"], every_n_steps=2, at_fit_start=True)
+    assert fit(at_start)["on_train_batch_start"] == 1
+    assert at_start._num_calls == 3 and torch.equal(at_start._probe[0][0], X[:4])
 
     sub = Subclass(metrics=["top_eig"], every_n_steps=2)
     assert "on_before_backward" in fit(sub) and sub.seen == 4
+    mine = CurvatureMonitor(metrics=["top_eig"], every_n_steps=2)
+    seen: list[int] = []
+    mine.on_after_backward = lambda *args: seen.append(1)  # type: ignore[method-assign]
+    assert "on_after_backward" in fit(mine) and len(seen) == 4
