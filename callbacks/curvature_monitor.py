@@ -44,7 +44,14 @@ from typing_extensions import override
 
 from nncurv._state import untouched
 from nncurv.batches import BatchFormat
-from nncurv.problem import CurvatureProblem, ParamSelection, _select, _unwrap, check_reduction
+from nncurv.problem import (
+    CurvatureProblem,
+    ParamSelection,
+    _dist_initialized,
+    _select,
+    _unwrap,
+    check_reduction,
+)
 
 __all__ = ["CurvatureMonitor"]
 
@@ -783,7 +790,7 @@ class CurvatureMonitor(Callback):
         # checkpoint on every rank, so this collective is met everywhere)
         probe = [_to_cpu(b) for b in self._probe]
         probes: list[Any] = [probe]
-        if _distributed() and torch.distributed.get_world_size() > 1:
+        if _dist_initialized() and torch.distributed.get_world_size() > 1:
             probes = [None] * torch.distributed.get_world_size()
             torch.distributed.all_gather_object(probes, probe)
         return {
@@ -807,8 +814,8 @@ class CurvatureMonitor(Callback):
         self._pending = bool(state_dict.get("pending", False))
         self._num_calls = int(state_dict.get("num_calls", 0))
         probes = state_dict.get("probes_by_rank", [state_dict.get("probe", [])])
-        world = torch.distributed.get_world_size() if _distributed() else 1
-        rank = torch.distributed.get_rank() if _distributed() else 0
+        world = torch.distributed.get_world_size() if _dist_initialized() else 1
+        rank = torch.distributed.get_rank() if _dist_initialized() else 0
         if len(probes) == world:
             self._probe = list(probes[rank])
         else:  # resumed on another number of processes: each rank draws its probe again
@@ -827,10 +834,6 @@ class CurvatureMonitor(Callback):
 
 
 _FUNCTIONAL_MODES = ("forward-over-reverse", "reverse-over-reverse")
-
-
-def _distributed() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def _safe_names(metric: CurvatureMetric, ctx: MetricContext) -> list[str]:

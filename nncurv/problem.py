@@ -101,6 +101,11 @@ def _loader_generators(data: Any) -> list[torch.Generator]:
     return list(found.values())
 
 
+def _dist_initialized() -> bool:
+    """Whether a ``torch.distributed`` process group is initialised."""
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     # DistributedDataParallel / DataParallel / Lightning wrappers keep the real module in .module
     from torch.nn.parallel import DataParallel, DistributedDataParallel
@@ -244,14 +249,8 @@ class CurvatureProblem:
         self.dtype = first.dtype
         self.device = first.device
         self._check_params()
-        self.distributed = (
-            torch.distributed.is_available() and torch.distributed.is_initialized()
-            if distributed is None
-            else bool(distributed)
-        )
-        if self.distributed and not (
-            torch.distributed.is_available() and torch.distributed.is_initialized()
-        ):
+        self.distributed = _dist_initialized() if distributed is None else bool(distributed)
+        if self.distributed and not _dist_initialized():
             raise ValueError("distributed=True but torch.distributed is not initialized")
         self._single = _is_single_batch(data)
         self._data = data
@@ -455,7 +454,7 @@ class CurvatureProblem:
         self.params: dict[str, Tensor] = {n: all_params[n].detach() for n in self.param_names}
         self.shapes = {n: p.shape for n, p in self.params.items()}
         self._sizes = [self.shapes[n].numel() for n in self.param_names]
-        self.num_params = sum(p.numel() for p in self.params.values())
+        self.num_params = sum(self._sizes)
         self._fixed: dict[str, Tensor] = {
             n: p.detach() for n, p in all_params.items() if n not in selected
         }

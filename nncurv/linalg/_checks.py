@@ -90,15 +90,11 @@ def draw_probes(
 
 
 def random_probes(
-    op: LinearOperator, k: int, distribution: str, generator: torch.Generator
+    op: LinearOperator, k: int, distribution: Distribution, generator: torch.Generator
 ) -> Tensor:
     r"""Return ``(n, k)`` probes on the operator's device with :math:`E[vv^\top] = I`."""
     return draw_probes(
-        (op.shape[0], k),
-        distribution,  # type: ignore[arg-type]
-        dtype=op.dtype,
-        device=op.device,
-        generator=generator,
+        (op.shape[0], k), distribution, dtype=op.dtype, device=op.device, generator=generator
     )
 
 

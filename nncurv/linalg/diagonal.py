@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from nncurv.linalg._checks import (
+    Distribution,
     check_finite,
     check_int,
     check_operator,
@@ -143,7 +144,7 @@ def hutchinson_diagonal(
 def _hutchinson_moments(
     op: LinearOperator,
     num_matvecs: int,
-    distribution: str,
+    distribution: Distribution,
     gen: torch.Generator,
     chunk_size: int,
     first: Tensor | None = None,

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from nncurv.linalg._checks import (
+    Distribution,
     check_finite,
     check_int,
     check_operator,
@@ -62,7 +63,7 @@ def _sem(samples: Tensor) -> float:
 def _quadratic_samples(
     op: LinearOperator,
     count: int,
-    distribution: str,
+    distribution: Distribution,
     gen: torch.Generator,
     chunk_size: int,
     basis: Tensor | None = None,
@@ -389,7 +390,7 @@ def _check_budget(op: LinearOperator, num_matvecs: int, name: str, *, symmetric:
 
 
 def _sketch(
-    op: LinearOperator, s: int, distribution: str, gen: torch.Generator, what: str
+    op: LinearOperator, s: int, distribution: Distribution, gen: torch.Generator, what: str
 ) -> tuple[Tensor, Tensor]:
     """``s`` probes and their products (``s`` products), in the operator's dtype."""
     Om = random_probes(op, s, distribution, gen)
