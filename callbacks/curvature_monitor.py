@@ -98,9 +98,12 @@ def _to_cpu(batch: Any) -> Any:
     return apply_to_collection(batch, Tensor, lambda t: t.detach().cpu())
 
 
-def _sync(module: torch.nn.Module) -> None:
-    dev = next((p.device for p in module.parameters()), None)
-    if dev is not None and dev.type == "cuda":
+def _device(module: torch.nn.Module) -> torch.device:
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
 
@@ -610,11 +613,10 @@ class CurvatureMonitor(Callback):
             return self.hessian_mode
         return self._learned_mode
 
-    def _precision(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
+    def _precision(self, trainer: pl.Trainer, dev: torch.device) -> Any:
         if self.autocast:
             return trainer.precision_plugin.forward_context()
-        dev = next((p.device.type for p in pl_module.parameters()), "cpu")
-        return torch.autocast(device_type=dev, enabled=False)
+        return torch.autocast(device_type=dev.type, enabled=False)
 
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -634,11 +636,12 @@ class CurvatureMonitor(Callback):
     ) -> None:
         if self._loss is None:  # hooks called without setup (e.g. by hand)
             self._configure(trainer, pl_module, "fit")
-        _sync(pl_module)
+        dev = _device(pl_module)
+        _sync(dev)
         t0 = time.perf_counter()
-        out = self._compute(trainer, pl_module, data or self._probe_batches(batch), step)
+        out = self._compute(trainer, pl_module, data or self._probe_batches(batch), step, dev)
         self._log(trainer, out, step, group, time.perf_counter() - t0)
-        _sync(pl_module)
+        _sync(dev)
         end = time.perf_counter()
         seconds = end - t0
         # a call at a training step: the budget also measures the slower step after it
@@ -648,7 +651,12 @@ class CurvatureMonitor(Callback):
         self._last_computed = max(self._last_computed, step)
 
     def _compute(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, data: Any, step: int
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        data: Any,
+        step: int,
+        dev: torch.device,
     ) -> tuple[MetricOutput, dict[str, tuple[float, int]]]:
         merged = MetricOutput()
         costs: dict[str, tuple[float, int]] = {}
@@ -667,7 +675,7 @@ class CurvatureMonitor(Callback):
             # problems check it at their first evaluation instead of spending a forward pass
             "check_loss": not self._loss_checked,
         }
-        with untouched(pl_module), self._precision(trainer, pl_module):
+        with untouched(pl_module), self._precision(trainer, dev):
             try:
                 problem = CurvatureProblem(pl_module, self._loss, data, **kwargs)
                 self._loss_checked = True
@@ -700,7 +708,7 @@ class CurvatureMonitor(Callback):
                 problem_kwargs=kwargs,
             )
             for metric in self.metrics:
-                _sync(pl_module)
+                _sync(dev)
                 t0, n0 = time.perf_counter(), ctx.num_matvecs
                 try:
                     res = metric.compute(ctx)
@@ -713,7 +721,7 @@ class CurvatureMonitor(Callback):
                         f"logged as NaN: {type(err).__name__}: {err}",
                     )
                     res = MetricOutput(scalars=dict.fromkeys(_safe_names(metric, ctx), math.nan))
-                _sync(pl_module)
+                _sync(dev)
                 costs[metric.name] = (time.perf_counter() - t0, ctx.num_matvecs - n0)
                 for key, msg in ctx.notes:
                     self._warn_once(key, f"CurvatureMonitor: {key}: {msg}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -14,6 +15,7 @@ Distribution = Literal["rademacher", "gaussian"]
 __all__ = [
     "Distribution",
     "NonFiniteError",
+    "check_distribution",
     "check_operator",
     "check_int",
     "make_generator",
@@ -71,6 +73,20 @@ def make_generator(
     return generator
 
 
+_SIGN_TABLES: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+
+def _sign_table(dtype: torch.dtype, device: torch.device) -> Tensor:
+    r"""``(256, 8)``: row ``b`` holds :math:`2\,\mathrm{bit}_j(b) - 1` for ``j = 0..7``."""
+    key = (dtype, device)
+    table = _SIGN_TABLES.get(key)
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        table = (2 * bits - 1).to(dtype=dtype, device=device)
+        _SIGN_TABLES[key] = table
+    return table
+
+
 def draw_probes(
     shape: tuple[int, ...],
     distribution: Distribution,
@@ -80,13 +96,22 @@ def draw_probes(
     generator: torch.Generator,
 ) -> Tensor:
     r"""Draw i.i.d. probes with :math:`\mathbb{E}[v v^\top] = I` from ``generator``."""
+    check_distribution(distribution)
     if distribution == "rademacher":
-        # uint8 bits: an eighth of the memory traffic of int64, half the time on CPU
-        bits = torch.randint(0, 2, shape, generator=generator, device=device, dtype=torch.uint8)
-        return bits.to(dtype).mul_(2).sub_(1)
-    if distribution == "gaussian":
-        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
+        # eight signs per random byte (its bits are i.i.d. fair), expanded by a table lookup:
+        # an eighth of the draws of one byte per sign, a fifth of the time on CPU
+        numel = math.prod(shape)
+        nbytes = -(-numel // 8)
+        draws = torch.randint(0, 256, (nbytes,), generator=generator, device=device)
+        signs = _sign_table(dtype, torch.device(device)).index_select(0, draws)
+        return signs.reshape(-1)[:numel].reshape(shape)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+
+
+def check_distribution(distribution: object) -> None:
+    """Raise ``ValueError`` unless ``distribution`` is ``"rademacher"`` or ``"gaussian"``."""
+    if distribution not in ("rademacher", "gaussian"):
+        raise ValueError(f"distribution must be 'rademacher' or 'gaussian', got {distribution!r}")
 
 
 def random_probes(

@@ -161,6 +161,8 @@ def krylov_schur(
     hmax = 0.0  # largest |entry| of H[:m, :m]
     coupling_max = 0.0  # largest |entry| of the coupling H[m:m+b, :m]
     wanted_l: list[int] = []
+    row_l: list[float] | None = None  # Lanczos: the coupling row below the basis, as floats
+    row: list[float] | None
     converged = False
     while True:
         block = Vt[m : m + bw]
@@ -185,7 +187,7 @@ def krylov_schur(
         # norm of the next vector
         nrm = vector_norm(Wt) if b == 1 and nb else None
         parts = [scale_t.reshape(1), h.reshape(-1)] + ([nrm.reshape(1)] if nrm is not None else [])
-        vals = torch.cat(parts).to(host, f64)
+        vals = torch.cat(parts).to(host)  # (written into the float64 H below)
         vl = vals.tolist()  # the same numbers as Python floats, for the scalar tests below
         scale = vl[0]
         if not math.isfinite(scale):
@@ -197,6 +199,7 @@ def krylov_schur(
         # H[:m, :m] gained this column and the coupling of the previous step: its largest entry
         hmax = max(hmax, coupling_max, max(map(abs, column)))
         coupling: float | None = None  # Lanczos: the single entry of the next coupling C
+        row = row_l  # row m_old of H[:, :m_old], before the coupling below is written
         if nb:
             if nrm is not None and vl[-1] > 1e-3 * scale:
                 # Lanczos, healthy step: W was orthogonalised twice above ("twice is enough",
@@ -204,16 +207,18 @@ def krylov_schur(
                 torch.div(Wt[0], nrm, out=Vt[m])
                 H[m, m_old] = coupling = vl[-1]
                 coupling_max = abs(coupling)
+                row_l = [0.0] * m_old + [coupling]  # row m of H[:, :m], for the next test
             else:  # a block, or a (near) breakdown: the careful path
                 Q, Rn = _orthonormalise_block(Wt.T, Vt[:m].T, generator, nb, scale)
                 Vt[m : m + nb] = Q.T
                 H[m : m + nb, m_old:m] = Rn.to(host, f64)
                 coupling_max = float(H[m : m + nb, m_old:m].abs().max())
+                row_l = None
         # convergence and sanity tests on the small projected problem, on the host
         if m_old == 0:
             asym = 0.0
         elif bw == 1:  # the new column above the diagonal against the row written before
-            row = H[m_old, :m_old].tolist()
+            row = row if row is not None else H[m_old, :m_old].tolist()
             asym = max(abs(a - c) for a, c in zip(column, row))
         else:
             asym = float((H[:m_old, m_old:m] - H[m_old:m, :m_old].T).abs().max())
@@ -226,8 +231,12 @@ def krylov_schur(
                 f"op is not symmetric: projections differ by {asym:.3e} relative to "
                 f"{hmax:.3e} (tolerance {sym_tol:.1e}); eigenvalues() needs a symmetric operator"
             )
-        Hm = H[:m, :m]
-        theta, S = torch.linalg.eigh((Hm + Hm.T) / 2)
+        # the upper triangle holds every computed projection v_i^T A v_j (the lower one the
+        # couplings, equal to them within the symmetry test above)
+        if m == 1:  # (the first Ritz pair is the start vector's Rayleigh quotient)
+            theta, S = H[:1, 0].clone(), torch.ones(1, 1, dtype=f64)
+        else:
+            theta, S = torch.linalg.eigh(H[:m, :m], UPLO="U")
         theta_l = theta.tolist()
         if nb == 0:
             res_l = [0.0] * m
@@ -262,6 +271,7 @@ def krylov_schur(
             H[p : p + nb, :p] = Cn
             hmax = max(abs(theta_l[i]) for i in keep)
             coupling_max = float(Cn.abs().max())
+            row_l = Cn[0].tolist() if nb == 1 else None
             m = p
         bw = nb
     wanted = torch.tensor(wanted_l, dtype=torch.long)

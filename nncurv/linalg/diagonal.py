@@ -20,6 +20,7 @@ from torch import Tensor
 
 from nncurv.linalg._checks import (
     Distribution,
+    check_distribution,
     check_finite,
     check_int,
     check_operator,
@@ -136,7 +137,7 @@ def hutchinson_diagonal(
     check_int(num_matvecs, "num_matvecs", minimum=1)
     check_int(chunk_size, "chunk_size", minimum=1)
     gen = make_generator(op, generator, seed)
-    random_probes(op, 0, distribution, gen)
+    check_distribution(distribution)
     est, se = _hutchinson_moments(op, num_matvecs, distribution, gen, chunk_size)
     return _finish(op, est, se, num_matvecs, t0, "hutchinson")
 

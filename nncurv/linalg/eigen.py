@@ -6,6 +6,7 @@ or both ends of its spectrum, using only products with ``op``.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Literal
 
@@ -227,9 +228,16 @@ def _check_v0(op: LinearOperator, v0: Tensor | None) -> Tensor | None:
     if V.ndim != 2 or V.shape[0] != n or V.shape[1] == 0:
         raise ValueError(f"v0 must have shape ({n},) or ({n}, p), got {tuple(v0.shape)}")
     V = V.detach().to(dtype=op.dtype, device=op.device)
-    check_finite(V, "the warm start v0 (it is not finite)")
-    norms = V.norm(dim=0)
-    if bool((norms == 0).any()):
+    # one synchronisation for both tests: a non-finite column has a non-finite norm
+    norms = torch.linalg.vector_norm(V, dim=0)
+    values = norms.tolist()
+    if not all(map(math.isfinite, values)):
+        check_finite(V, "the warm start v0 (it is not finite)")
+        # finite, but the squares overflow: rescale first (a zero column stays zero)
+        V = V / V.abs().amax(dim=0).clamp_min(torch.finfo(V.dtype).tiny)
+        norms = torch.linalg.vector_norm(V, dim=0)
+        values = norms.tolist()
+    if not all(values):
         raise ValueError("v0 has a zero column")
     return V / norms
 
@@ -238,6 +246,8 @@ def _start_block(op: LinearOperator, warm: Tensor | None, b: int, gen: torch.Gen
     if warm is None:
         return random_probes(op, b, "gaussian", gen)
     if b == 1:
+        if warm.shape[1] == 1:  # (normalised by _check_v0)
+            return warm
         s = warm.sum(dim=1, keepdim=True)
         if float(s.norm()) <= 1e-3 * warm.shape[1] ** 0.5:  # columns cancel: fall back
             s = s + random_probes(op, 1, "gaussian", gen) * 1e-2
