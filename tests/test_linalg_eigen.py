@@ -193,6 +193,35 @@ def test_invariant_start_vector_breakdown_recovers() -> None:
     assert_close(res.eigenvalues, torch.tensor([30.0, 29.0], dtype=A.dtype), 1e-10)
 
 
+@pytest.mark.parametrize(("block_size", "ncv"), [(3, 5), (2, 6), (2, 5)])
+def test_block_that_shrinks_near_the_end_of_the_space_survives_restarts(
+    block_size: int, ncv: int
+) -> None:
+    # n = 7: the block shrinks when fewer than block_size dimensions are left, and a thick
+    # restart then frees dimensions again; the next block must not be wider than the residual
+    # it comes from (this raised a shape error or a false asymmetry error before)
+    A = MatrixOperator(torch.diag(torch.arange(1.0, 8.0, dtype=torch.float64)))
+    for k in (1, 2):
+        for seed in range(3):
+            r = eigenvalues(A, k, method="block", block_size=block_size, ncv=ncv, seed=seed)
+            assert r.converged
+            assert_close(r.eigenvalues, torch.tensor([7.0, 6.0][:k], dtype=torch.float64), 1e-10)
+
+
+@pytest.mark.parametrize("scale", [1e30, 1e-30])
+def test_warm_start_whose_squares_overflow_or_underflow_is_used_as_given(scale: float) -> None:
+    # float32: 1e30**2 overflows and 1e-30**2 underflows; the direction is what counts
+    A = MatrixOperator(torch.diag(torch.arange(1.0, 31.0)))
+    v = torch.zeros(30)
+    v[-1], v[-2] = 1.0, 0.5
+    ref = eigenvalues(A, 1, v0=v, tol=1e-4, max_matvecs=3)
+    res = eigenvalues(A, 1, v0=v * scale, tol=1e-4, max_matvecs=3)
+    assert_close(res.eigenvalues, ref.eigenvalues, 1e-6)
+    assert res.num_matvecs == ref.num_matvecs
+    with pytest.raises(ValueError, match="zero column"):
+        eigenvalues(A, 1, v0=torch.stack([v * scale, torch.zeros(30)], dim=1))
+
+
 def test_float32_operator_default_tol() -> None:
     A = _matrix("outliers", torch.device("cpu")).float()
     res = eigenvalues(MatrixOperator(A), k=2)

@@ -103,7 +103,8 @@ def draw_probes(
         numel = math.prod(shape)
         nbytes = -(-numel // 8)
         draws = torch.randint(0, 256, (nbytes,), generator=generator, device=device)
-        signs = _sign_table(dtype, torch.device(device)).index_select(0, draws)
+        # (keyed by the draws' device, which names its index even when `device` does not)
+        signs = _sign_table(dtype, draws.device).index_select(0, draws)
         return signs.reshape(-1)[:numel].reshape(shape)
     return torch.randn(shape, generator=generator, device=device, dtype=dtype)
 
@@ -125,7 +126,10 @@ def random_probes(
 
 def check_finite(x: Tensor | float, what: str) -> None:
     """Raise :class:`NonFiniteError` if ``x`` contains NaN or Inf (one host sync)."""
-    ok = bool(torch.isfinite(torch.as_tensor(x)).all())
+    if isinstance(x, Tensor) and x.numel() != 1:
+        ok = bool(torch.isfinite(x).all())
+    else:
+        ok = math.isfinite(float(x))
     if not ok:
         raise NonFiniteError(
             f"the operator produced NaN or Inf while computing {what}; "

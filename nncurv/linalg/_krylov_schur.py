@@ -182,7 +182,9 @@ def krylov_schur(
         h += h2
         m_old, m = m, m + bw
         dims_left = n - m
-        nb = min(b, dims_left)
+        # the next block comes from the bw residual columns of this one: it is never wider
+        # (a block that shrank near the end of the space stays narrow after a restart)
+        nb = min(bw, dims_left)
         # one synchronisation: the product's scale, the new column of H and, for Lanczos, the
         # norm of the next vector
         nrm = vector_norm(Wt) if b == 1 and nb else None
@@ -231,8 +233,9 @@ def krylov_schur(
                 f"op is not symmetric: projections differ by {asym:.3e} relative to "
                 f"{hmax:.3e} (tolerance {sym_tol:.1e}); eigenvalues() needs a symmetric operator"
             )
-        # the upper triangle holds every computed projection v_i^T A v_j (the lower one the
-        # couplings, equal to them within the symmetry test above)
+        # the upper triangle holds every computed projection v_i^T A v_j; below it are the
+        # couplings (equal to the projections within the symmetry test above) and, in block
+        # mode, the lower half of each diagonal block (never read: eigh uses the upper one)
         if m == 1:  # (the first Ritz pair is the start vector's Rayleigh quotient)
             theta, S = H[:1, 0].clone(), torch.ones(1, 1, dtype=f64)
         else:

@@ -228,17 +228,16 @@ def _check_v0(op: LinearOperator, v0: Tensor | None) -> Tensor | None:
     if V.ndim != 2 or V.shape[0] != n or V.shape[1] == 0:
         raise ValueError(f"v0 must have shape ({n},) or ({n}, p), got {tuple(v0.shape)}")
     V = V.detach().to(dtype=op.dtype, device=op.device)
-    # one synchronisation for both tests: a non-finite column has a non-finite norm
+    # one synchronisation for the usual case: finite, non-zero norms
     norms = torch.linalg.vector_norm(V, dim=0)
-    values = norms.tolist()
-    if not all(map(math.isfinite, values)):
+    if not all(math.isfinite(x) and x > 0 for x in norms.tolist()):
         check_finite(V, "the warm start v0 (it is not finite)")
-        # finite, but the squares overflow: rescale first (a zero column stays zero)
+        # finite, but the squares overflow or underflow: rescale each column by its largest
+        # entry first (a zero column stays zero)
         V = V / V.abs().amax(dim=0).clamp_min(torch.finfo(V.dtype).tiny)
         norms = torch.linalg.vector_norm(V, dim=0)
-        values = norms.tolist()
-    if not all(values):
-        raise ValueError("v0 has a zero column")
+        if not all(norms.tolist()):
+            raise ValueError("v0 has a zero column")
     return V / norms
 
 

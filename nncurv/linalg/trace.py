@@ -74,13 +74,15 @@ def _quadratic_samples(
     With an orthonormal ``basis`` :math:`V` the probes are projected first, :math:`z \to (I -
     VV^\top) z`.
     """
-    parts = [torch.zeros(0, dtype=op.dtype, device=op.device)]
+    parts = []
     for start in range(0, count, chunk_size):
         Z = random_probes(op, min(chunk_size, count - start), distribution, gen)
         if basis is not None and basis.shape[1]:
             Z = Z - basis @ (basis.T @ Z)
         parts.append((Z * op.matmat(Z)).sum(0))
-    return torch.cat(parts)
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=op.dtype, device=op.device)
 
 
 def _finish(
@@ -92,9 +94,10 @@ def _finish(
     t0: float,
     method: str,
 ) -> TraceResult:
-    check_finite(est, f"the {method} trace estimate")
+    value = float(est)  # (one synchronisation for the test and the result)
+    check_finite(value, f"the {method} trace estimate")
     return TraceResult(
-        estimate=float(est),
+        estimate=value,
         standard_error=se,
         num_matvecs=nmv,
         wall_time=time.perf_counter() - t0,
@@ -345,7 +348,12 @@ def xtrace(
 
     Each term is an unbiased Hutch++-type estimate whose low-rank part excludes its own probe;
     the leave-one-out bases come from :math:`Q` and :math:`R^{-\top}` in closed form. The
-    standard error is :math:`\operatorname{std}(t_i)/\sqrt s`, as in the paper. If
+    standard error is :math:`\operatorname{std}(t_i)/\sqrt s`, as in the paper. It treats the
+    :math:`t_i` as independent, but they share the sketch, so it underestimates the error where
+    the sketch removes little (measured over 400 seeds, ``n = 120``, 12 products: the RMS error
+    is 1.2x the RMS standard error on a spectrum with outliers and 1.5x on a flat one); where
+    the error bar matters, :func:`hutchinson_trace` or :func:`deflated_hutchinson_trace` give
+    calibrated ones. If
     :math:`A\Omega` is rank deficient (rank :math:`r < s`), the range of :math:`A` has been
     found and :math:`\operatorname{tr}(Q_r^\top A Q_r)` is exact. When ``num_matvecs >= n`` the
     exact trace is returned (``n`` products).
