@@ -82,7 +82,7 @@ class StepClock(pl.Callback):
             for step, (a, b) in enumerate(zip(self.ends, self.ends[1:]), start=2)
             if step > warmup and step not in skip
         ]
-        return statistics.fmean(durations)
+        return statistics.fmean(durations) if durations else math.nan
 
 
 def fit(
@@ -154,13 +154,16 @@ def paired(times: dict[str, list[float]], key: str) -> float:
     return statistics.median(ratios(times, key))
 
 
-def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float]:
+def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:
     """Distribution-free confidence interval of the median: order statistics ``j`` and ``n-j+1``.
 
     ``j`` is the largest rank whose binomial coverage ``1 - 2 P(Bin(n, 1/2) < j)`` is still at
-    least ``level`` (13 rounds: the 3rd and 11th values, 97.8 %); with too few rounds, the range.
+    least ``level`` (13 rounds: the 3rd and 11th values, 97.8 %); ``None`` when even the whole
+    range covers less (5 rounds or fewer at 95 %).
     """
     x, n = sorted(values), len(values)
+    if n == 0 or 1 - 2 / 2**n < level:
+        return None
     j, below = 1, 1 / 2**n  # below = P(Bin(n, 1/2) < j)
     while j < n:
         below_next = below + math.comb(n, j) / 2**n
@@ -168,6 +171,13 @@ def median_interval(values: list[float], level: float = 0.95) -> tuple[float, fl
             break
         j, below = j + 1, below_next
     return x[j - 1], x[n - j]
+
+
+def interval_text(values: list[float]) -> str:
+    interval = median_interval(values)
+    if interval is None:
+        return "too few rounds for a 95% interval of the median"
+    return f"95% interval of the median {interval[0]:+.1%} to {interval[1]:+.1%}"
 
 
 def per_metric(arch: str, root: Path, step_time: float, every: int, steps: int) -> None:
@@ -273,20 +283,18 @@ def main() -> None:
             "step, about 3 us each; CurvatureMonitor hides the ones it does not need)"
         )
         over_d = over["default"]
-        lo_d, hi_d = median_interval(ratios(times, "default"))
         print(
             f"  default CurvatureMonitor()    {med['default']:.3f} s   overhead {over_d[0]:+.1%} / "
-            f"{over_d[1]:+.1%} (95% interval of the median {lo_d:+.1%} to {hi_d:+.1%}), "
+            f"{over_d[1]:+.1%} ({interval_text(ratios(times, 'default'))}), "
             f"{1000 * calls / args.steps:.0f} records per 1000 steps; its own accounting (calls, "
             f"per-step hooks, slower steps after calls): {default_own:.1%}"
         )
         over_b = over["budget"]
-        lo_b, hi_b = median_interval(ratios(times, "budget"))
         ok = "holds" if abs(over_b[0] - args.budget) <= 0.01 else "MISSED"
         print(
             f"  every step, budget {args.budget:.0%}       {med['budget']:.3f} s   overhead "
-            f"{over_b[0]:+.1%} / {over_b[1]:+.1%} (95% interval of the median {lo_b:+.1%} to "
-            f"{hi_b:+.1%}; {ok}: median within 1 point of {args.budget:.0%})"
+            f"{over_b[0]:+.1%} / {over_b[1]:+.1%} ({interval_text(ratios(times, 'budget'))}; "
+            f"{ok}: median within 1 point of {args.budget:.0%})"
         )
         print(
             f"  process CPU time (less sensitive to other jobs on the machine): default "

@@ -222,6 +222,16 @@ def test_warm_start_whose_squares_overflow_or_underflow_is_used_as_given(scale: 
         eigenvalues(A, 1, v0=torch.stack([v * scale, torch.zeros(30)], dim=1))
 
 
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_warm_start_is_rejected_naming_the_column(bad: float) -> None:
+    A = MatrixOperator(torch.diag(torch.arange(1.0, 31.0, dtype=torch.float64)))
+    V = torch.ones(30, 3, dtype=torch.float64)
+    V[4, 1] = bad
+    with pytest.raises(ValueError, match=r"v0 must be finite; column\(s\) \[1\]"):
+        eigenvalues(A, 1, v0=V)
+    assert A.num_matvecs == 0
+
+
 def test_float32_operator_default_tol() -> None:
     A = _matrix("outliers", torch.device("cpu")).float()
     res = eigenvalues(MatrixOperator(A), k=2)

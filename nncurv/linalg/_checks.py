@@ -126,10 +126,10 @@ def random_probes(
 
 def check_finite(x: Tensor | float, what: str) -> None:
     """Raise :class:`NonFiniteError` if ``x`` contains NaN or Inf (one host sync)."""
-    if isinstance(x, Tensor) and x.numel() != 1:
+    if isinstance(x, Tensor) and (x.numel() != 1 or x.is_complex()):
         ok = bool(torch.isfinite(x).all())
     else:
-        ok = math.isfinite(float(x))
+        ok = math.isfinite(float(x.detach() if isinstance(x, Tensor) else x))
     if not ok:
         raise NonFiniteError(
             f"the operator produced NaN or Inf while computing {what}; "

@@ -91,7 +91,9 @@ def eigenvalues(
         max_matvecs: Budget of products; on exhaustion the result has ``converged=False``.
             Default ``max(300, 30 * ncv)``.
         ncv: Basis size before a thick restart. Default ``max(2k + 1, 20)`` (``"block"``:
-            ``max(2k + 2b, 6b, 40)``), at most ``n``.
+            ``max(2k + 2b, 6b, 40)``), at most ``n``. In block mode an ``ncv`` between
+            ``n - b`` and ``n`` lets the block shrink near the end of the space, and it stays
+            narrow after a restart: still correct, but more products.
         block_size: Block size ``b`` for ``"block"`` (default ``k``, or the number of warm-start
             vectors if larger).
         v0: Warm start: a ``(n,)`` vector or ``(n, p)`` matrix, e.g. the eigenvectors of the
@@ -231,7 +233,9 @@ def _check_v0(op: LinearOperator, v0: Tensor | None) -> Tensor | None:
     # one synchronisation for the usual case: finite, non-zero norms
     norms = torch.linalg.vector_norm(V, dim=0)
     if not all(math.isfinite(x) and x > 0 for x in norms.tolist()):
-        check_finite(V, "the warm start v0 (it is not finite)")
+        bad = (~torch.isfinite(V)).any(dim=0).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"v0 must be finite; column(s) {bad} contain NaN or Inf")
         # finite, but the squares overflow or underflow: rescale each column by its largest
         # entry first (a zero column stays zero)
         V = V / V.abs().amax(dim=0).clamp_min(torch.finfo(V.dtype).tiny)
