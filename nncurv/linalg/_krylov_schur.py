@@ -162,7 +162,6 @@ def krylov_schur(
     coupling_max = 0.0  # largest |entry| of the coupling H[m:m+b, :m]
     wanted_l: list[int] = []
     row_l: list[float] | None = None  # Lanczos: the coupling row below the basis, as floats
-    row: list[float] | None
     converged = False
     while True:
         block = Vt[m : m + bw]
@@ -200,8 +199,25 @@ def krylov_schur(
         H[:m, m_old:m] = vals[1 : 1 + m * bw].reshape(m, bw)
         # H[:m, :m] gained this column and the coupling of the previous step: its largest entry
         hmax = max(hmax, coupling_max, max(map(abs, column)))
+        # sanity tests on the small projected problem, on the host, before the next block's
+        # coupling is written (they read row m_old, the coupling written one step earlier)
+        if m_old == 0:
+            asym = 0.0
+        elif bw == 1:  # the new column above the diagonal against the row written before
+            row = row_l if row_l is not None else H[m_old, :m_old].tolist()
+            asym = max(abs(a - c) for a, c in zip(column, row))
+        else:
+            asym = float((H[:m_old, m_old:m] - H[m_old:m, :m_old].T).abs().max())
+        if not math.isfinite(hmax):
+            raise NonFiniteError(
+                f"the operator produced NaN or Inf after {nmv} products; no eigenvalues reported"
+            )
+        if asym > sym_tol * max(hmax, torch.finfo(op.dtype).tiny):
+            raise ValueError(
+                f"op is not symmetric: projections differ by {asym:.3e} relative to "
+                f"{hmax:.3e} (tolerance {sym_tol:.1e}); eigenvalues() needs a symmetric operator"
+            )
         coupling: float | None = None  # Lanczos: the single entry of the next coupling C
-        row = row_l  # row m_old of H[:, :m_old], before the coupling below is written
         if nb:
             if nrm is not None and vl[-1] > 1e-3 * scale:
                 # Lanczos, healthy step: W was orthogonalised twice above ("twice is enough",
@@ -216,26 +232,9 @@ def krylov_schur(
                 H[m : m + nb, m_old:m] = Rn.to(host, f64)
                 coupling_max = float(H[m : m + nb, m_old:m].abs().max())
                 row_l = None
-        # convergence and sanity tests on the small projected problem, on the host
-        if m_old == 0:
-            asym = 0.0
-        elif bw == 1:  # the new column above the diagonal against the row written before
-            row = row if row is not None else H[m_old, :m_old].tolist()
-            asym = max(abs(a - c) for a, c in zip(column, row))
-        else:
-            asym = float((H[:m_old, m_old:m] - H[m_old:m, :m_old].T).abs().max())
-        if not math.isfinite(hmax):
-            raise NonFiniteError(
-                f"the operator produced NaN or Inf after {nmv} products; no eigenvalues reported"
-            )
-        if asym > sym_tol * max(hmax, torch.finfo(op.dtype).tiny):
-            raise ValueError(
-                f"op is not symmetric: projections differ by {asym:.3e} relative to "
-                f"{hmax:.3e} (tolerance {sym_tol:.1e}); eigenvalues() needs a symmetric operator"
-            )
-        # the upper triangle holds every computed projection v_i^T A v_j; below it are the
-        # couplings (equal to the projections within the symmetry test above) and, in block
-        # mode, the lower half of each diagonal block (never read: eigh uses the upper one)
+        # convergence: the upper triangle holds every computed projection v_i^T A v_j; below
+        # it are the couplings (equal to the projections within the symmetry test above) and,
+        # in block mode, the lower half of each diagonal block (never read by eigh)
         if m == 1:  # (the first Ritz pair is the start vector's Rayleigh quotient)
             theta, S = H[:1, 0].clone(), torch.ones(1, 1, dtype=f64)
         else:

@@ -74,15 +74,13 @@ def _quadratic_samples(
     With an orthonormal ``basis`` :math:`V` the probes are projected first, :math:`z \to (I -
     VV^\top) z`.
     """
-    parts = []
+    parts: list[Tensor] = []
     for start in range(0, count, chunk_size):
         Z = random_probes(op, min(chunk_size, count - start), distribution, gen)
         if basis is not None and basis.shape[1]:
             Z = Z - basis @ (basis.T @ Z)
         parts.append((Z * op.matmat(Z)).sum(0))
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=op.dtype, device=op.device)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)  # (count >= 1: callers check)
 
 
 def _finish(
