@@ -300,17 +300,16 @@ def test_gradient_from_cached_graph_equals_problem_gradient(device):
 
 def test_cached_vmapped_backward_equals_column_loop():
     # the batched backward is what accelerators use; on CPU mm loops over columns
-    from nncurv.operators._parameter import grad_products
-
     model, loss_fn, data = case("cnn_ce_mean").make("cpu")
     H = HessianOperator(CurvatureProblem(model, loss_fn, data), mode="cached")
     V = torch.randn(H.shape[0], 3, generator=torch.Generator().manual_seed(5), dtype=H.dtype)
     loop = H.matmat(V)
     (prod,) = H._cache.values()
-    Vd = H._split_columns(V)
-    batched = grad_products(prod.grads, prod.leaves, [Vd[n] for n in prod.names], batched=True)
-    joined = H._join_columns(dict(zip(prod.names, batched)), 3)
-    assert_close(joined, loop, rtol=1e-10, atol=1e-12, what="batched vs loop")
+    assert prod.batched is None  # (three columns: not measured; the CPU default loops)
+    prod.batched = True
+    assert_close(prod.mm_flat(V), loop, rtol=1e-10, atol=1e-12, what="batched vs loop")
+    cols = [H @ V[:, j] for j in range(3)]
+    assert_close(torch.stack(cols, 1), loop, rtol=0, atol=0, what="matvec vs matmat loop")
 
 
 @pytest.mark.parametrize("batched", [None, True, False])
@@ -363,13 +362,51 @@ def test_cached_matmat_measurement_with_batches_and_earlier_graphs():
     def broken(self, V):  # noqa: ANN001, ANN202
         raise ValueError("boom")
 
-    orig = _Cached.mm
-    _Cached.mm = broken  # type: ignore[method-assign]
+    orig = _Cached.mm_flat
+    _Cached.mm_flat = broken  # type: ignore[method-assign]
     try:
         with pytest.raises(ValueError, match="boom"):
             H2.matmat(V)
     finally:
-        _Cached.mm = orig  # type: ignore[method-assign]
+        _Cached.mm_flat = orig  # type: ignore[method-assign]
     assert H2.batched_products is None
     assert {p.batched for p in H2._cache.values()} == {None}
     assert_close(H2.matmat(V), ref @ V, rtol=1e-9, atol=1e-11, what="after the failure")
+
+
+class _WithUnused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.unused = nn.Parameter(torch.ones(4))  # never reached by the forward pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_cached_products_with_unused_parameters_and_constant_gradient(batched, device):
+    """The cached (flat) product gives zero rows for a parameter the loss never reaches, and
+    zero for a loss linear in the parameters, whose gradient does not depend on them."""
+    g = torch.Generator().manual_seed(4)
+    X = torch.randn(6, 3, generator=g, dtype=torch.float64).to(device)
+    y = torch.randn(6, 2, generator=g, dtype=torch.float64).to(device)
+    model = _WithUnused().double().to(device)
+    V = torch.randn(12, 5, generator=g, dtype=torch.float64).to(device)
+
+    mse = CurvatureProblem(model, nn.MSELoss(), (X, y))
+    H = HessianOperator(mse, mode="cached", batched_products=batched)
+    ref = dense_hessian(model, nn.MSELoss(), X, y, mse)
+    # (a module's own parameters come first: `unused` is 0:4)
+    assert ref[:4].abs().max() == 0 and ref[4:, 4:].abs().max() > 0
+    assert_close(H.matmat(V), ref @ V, rtol=1e-10, atol=1e-12, what="MSE with an unused parameter")
+    assert_close(H @ V[:, 0], ref @ V[:, 0], rtol=1e-10, atol=1e-12, what="matvec")
+
+    def linear_loss(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return (out * target).mean()
+
+    lin = CurvatureProblem(model, linear_loss, (X, y))
+    H0 = HessianOperator(lin, mode="cached", batched_products=batched)
+    assert torch.equal(H0.matmat(V), torch.zeros_like(V))
+    assert torch.equal(H0 @ V[:, 0], torch.zeros_like(V[:, 0]))
+    assert_close(H0.gradient(), lin.loss_and_gradient()[1], rtol=1e-12, atol=0, what="gradient")

@@ -28,8 +28,17 @@ class BatchProduct:
     """Products of one batch's curvature block with parameter-shaped tangents.
 
     ``mv`` takes and returns dicts of parameter-shaped tensors; ``mm`` the same with a leading
-    column dimension ``k``.
+    column dimension ``k``. A product with ``flat = True`` instead implements ``mv_flat`` (a
+    flat vector of the operator's dimension) and ``mm_flat`` (an ``(n, k)`` matrix).
     """
+
+    flat = False
+
+    def mv_flat(self, v: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def mm_flat(self, V: Tensor) -> Tensor:
+        raise NotImplementedError
 
     def mv(self, v: Params) -> Params:
         raise NotImplementedError
@@ -181,15 +190,31 @@ class ParameterOperator(LinearOperator):
         return self.problem.all_reduce(init() if total is None else total)
 
     def _matvec(self, v: Tensor) -> Tensor:
-        vd = self.unflatten(v)
-        return self._for_each_batch(lambda p: self.flatten(p.mv(vd)), lambda: torch.zeros_like(v))
+        vd: Params | None = None  # the dict form, made once and only for dict products
+
+        def product(p: BatchProduct) -> Tensor:
+            nonlocal vd
+            if p.flat:
+                return p.mv_flat(v)
+            if vd is None:
+                vd = self.unflatten(v)
+            return self.flatten(p.mv(vd))
+
+        return self._for_each_batch(product, lambda: torch.zeros_like(v))
 
     def _matmat(self, V: Tensor) -> Tensor:
         k = V.shape[1]
-        Vd = self._split_columns(V)
-        return self._for_each_batch(
-            lambda p: self._join_columns(p.mm(Vd), k), lambda: torch.zeros_like(V)
-        )
+        Vd: Params | None = None
+
+        def product(p: BatchProduct) -> Tensor:
+            nonlocal Vd
+            if p.flat:
+                return p.mm_flat(V)
+            if Vd is None:
+                Vd = self._split_columns(V)
+            return self._join_columns(p.mm(Vd), k)
+
+        return self._for_each_batch(product, lambda: torch.zeros_like(V))
 
     def release(self) -> None:
         """Free the graphs kept by the cached mode (they are rebuilt on the next product)."""

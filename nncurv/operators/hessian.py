@@ -14,7 +14,6 @@ from nncurv.operators._parameter import (
     BatchProduct,
     ParameterOperator,
     Params,
-    grad_products,
     pullback_of,
 )
 from nncurv.problem import Batch, CurvatureProblem
@@ -72,38 +71,53 @@ class _Cached(BatchProduct):
     """Double backward over a retained first-order graph (PyHessian's recipe).
 
     The gradient graph is built once (``create_graph=True``); each product is one further
-    backward pass through it.
+    backward pass through it. The parameters enter the graph as views of one flat leaf, so the
+    gradient is one flat tensor and a product takes and returns flat vectors: the split of the
+    tangent and the concatenation of the result run inside the autograd engine instead of as a
+    dozen small Python-level operations per product (the same numbers, bit for bit).
     """
 
+    flat = True
+
     def __init__(self, problem: CurvatureProblem, batch: Batch) -> None:
-        self.names = problem.param_names
-        self.leaves = [problem.params[n].detach().requires_grad_(True) for n in self.names]
-        loss = problem.batch_loss(dict(zip(self.names, self.leaves)), batch)
-        self.grads = list(
-            torch.autograd.grad(
-                loss, self.leaves, create_graph=True, allow_unused=True, materialize_grads=True
-            )
+        self.problem = problem
+        self.leaf = problem.flatten(problem.params).detach().requires_grad_(True)
+        loss = problem.batch_loss(problem.unflatten(self.leaf), batch)
+        (self.grad,) = torch.autograd.grad(
+            loss, self.leaf, create_graph=True, allow_unused=True, materialize_grads=True
         )
         self.batched: bool | None = None  # matmat strategy, set by the operator
 
-    def mv(self, v: Params) -> Params:
-        out = grad_products(self.grads, self.leaves, [v[n] for n in self.names], batched=False)
-        return dict(zip(self.names, out))
+    def _pull(self, cotangent: Tensor, batched: bool) -> Tensor:
+        if not self.grad.requires_grad:  # the gradient does not depend on the parameters
+            return torch.zeros_like(cotangent)
+        (out,) = torch.autograd.grad(
+            self.grad,
+            self.leaf,
+            grad_outputs=cotangent,
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+            is_grads_batched=batched,
+        )
+        return out
 
-    def mm(self, V: Params) -> Params:
+    def mv_flat(self, v: Tensor) -> Tensor:
+        return self._pull(v, batched=False)
+
+    def mm_flat(self, V: Tensor) -> Tensor:
         batched = self.batched
         if batched is None:
             # unmeasured: on CPU one backward per column is the safer guess (1.6x faster than
             # the vmapped backward on a 21k-parameter CNN at batch 256), accelerators gain from
             # the batched one; HessianOperator measures both on its first wide matmat
-            batched = self.leaves[0].device.type != "cpu"
-        if not batched:
-            return super().mm(V)
-        try:
-            out = grad_products(self.grads, self.leaves, [V[n] for n in self.names], batched=True)
-        except RuntimeError:  # an op without a batching rule in its backward: loop instead
-            return super().mm(V)
-        return dict(zip(self.names, out))
+            batched = self.leaf.device.type != "cpu"
+        if batched:
+            try:
+                return self._pull(V.T, batched=True).T
+            except RuntimeError:  # an op without a batching rule in its backward: loop instead
+                pass
+        return torch.stack([self._pull(V[:, j], batched=False) for j in range(V.shape[1])], 1)
 
 
 _MODES: dict[str, Any] = {
@@ -258,7 +272,7 @@ class HessianOperator(ParameterOperator):
         total = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
         for prod in self._cache.values():
             assert isinstance(prod, _Cached)
-            total += self.flatten({n: g.detach() for n, g in zip(prod.names, prod.grads)})
+            total += prod.grad.detach()
         return self.problem.all_reduce(total)
 
 
