@@ -48,6 +48,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/contractive.py
 	$(BIN)/python benchmarks/information.py
 	$(BIN)/python benchmarks/callback_overhead.py
+	$(BIN)/python benchmarks/top_eig_tolerance.py
 	$(BIN)/python benchmarks/landscape.py
 
 clean:
