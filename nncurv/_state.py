@@ -51,10 +51,13 @@ def untouched(*modules: nn.Module) -> Iterator[None]:
     the CPU RNG and the RNG of every accelerator the modules live on; enables gradients and
     leaves inference mode for the duration of the block.
     """
-    saved: list[tuple[nn.Module, bool, bool | None]] = []
-    for root in modules:
-        for m in root.modules():
-            saved.append((m, m.training, getattr(m, "track_running_stats", None)))
+    # (BatchNorm layers only: a getattr miss goes through nn.Module.__getattr__, which raises
+    # and catches an AttributeError, for every other module)
+    saved = [
+        (m, m.training, m.track_running_stats if isinstance(m, _BN_TYPES) else None)
+        for root in modules
+        for m in root.modules()
+    ]
     # no tensor lives on a CUDA device before CUDA is initialised: skip the scan then
     accel = _devices_of(modules) if torch.cuda.is_initialized() else []
     cuda_devices = [d for d in accel if d.type == "cuda"]
@@ -66,9 +69,11 @@ def untouched(*modules: nn.Module) -> Iterator[None]:
         ):
             yield
     finally:
+        # (only what changed is written back: nn.Module.__setattr__ is slow)
         for m, training, trs in saved:
-            m.training = training
-            if trs is not None:
+            if m.training is not training:
+                m.training = training
+            if trs is not None and m.track_running_stats is not trs:
                 m.track_running_stats = trs  # type: ignore[assignment]
 
 

@@ -115,8 +115,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
-def _select(model: nn.Module, params: ParamSelection) -> list[str]:
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+def _select(
+    model: nn.Module, params: ParamSelection, all_params: dict[str, nn.Parameter] | None = None
+) -> list[str]:
+    if all_params is None:
+        all_params = dict(model.named_parameters())
+    named = [(n, p) for n, p in all_params.items() if p.requires_grad]
     if not named:
         raise ValueError(f"model {type(model).__name__} has no trainable parameters")
     if params is None:
@@ -448,9 +452,9 @@ class CurvatureProblem:
     def _apply_selection(self, params: ParamSelection, buffers: dict[str, Tensor]) -> None:
         """Set the selected parameters (read, not copied) and the fixed state around them."""
         self._selection = params
-        self.param_names = _select(self.model, params)
-        selected = set(self.param_names)
         all_params = dict(self.model.named_parameters())
+        self.param_names = _select(self.model, params, all_params)
+        selected = set(self.param_names)
         self.params: dict[str, Tensor] = {n: all_params[n].detach() for n in self.param_names}
         self.shapes = {n: p.shape for n, p in self.params.items()}
         self._sizes = [self.shapes[n].numel() for n in self.param_names]
