@@ -325,7 +325,12 @@ class CurvatureProblem:
     def all_reduce(self, t: Tensor) -> Tensor:
         """Sum ``t`` over ranks when distributed (in place); identity otherwise."""
         if self.distributed:
-            torch.distributed.all_reduce(t)
+            if t.is_contiguous():
+                torch.distributed.all_reduce(t)
+            else:  # (NCCL takes contiguous tensors only, e.g. not a matmat's transposed result)
+                c = t.contiguous()
+                torch.distributed.all_reduce(c)
+                t.copy_(c)
         return t
 
     # ------------------------------------------------------------------ evaluation

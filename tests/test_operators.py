@@ -410,3 +410,15 @@ def test_cached_products_with_unused_parameters_and_constant_gradient(batched, d
     assert torch.equal(H0.matmat(V), torch.zeros_like(V))
     assert torch.equal(H0 @ V[:, 0], torch.zeros_like(V[:, 0]))
     assert_close(H0.gradient(), lin.loss_and_gradient()[1], rtol=1e-12, atol=0, what="gradient")
+
+    # inputs that require grad: the gradient then requires grad without depending on the
+    # parameters; two batches share one flat copy of the parameters
+    Xg = X.clone().requires_grad_(True)
+    two = CurvatureProblem(model, linear_loss, [(Xg[:3], y[:3]), (Xg[3:], y[3:])])
+    H1 = HessianOperator(two, mode="cached", batched_products=batched)
+    assert torch.equal(H1.matmat(V), torch.zeros_like(V))
+    assert torch.equal(H1 @ V[:, 0], torch.zeros_like(V[:, 0]))
+    leaves = {id(p.leaf) for p in H1._cache.values()}
+    assert len(H1._cache) == 2 and len(leaves) == 1
+    H1.release()
+    assert H1._leaf is None and not H1._cache

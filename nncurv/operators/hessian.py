@@ -79,17 +79,16 @@ class _Cached(BatchProduct):
 
     flat = True
 
-    def __init__(self, problem: CurvatureProblem, batch: Batch) -> None:
-        self.problem = problem
-        self.leaf = problem.flatten(problem.params).detach().requires_grad_(True)
-        loss = problem.batch_loss(problem.unflatten(self.leaf), batch)
+    def __init__(self, problem: CurvatureProblem, batch: Batch, leaf: Tensor) -> None:
+        self.leaf = leaf  # (shared by the batches of an operator: one copy of the parameters)
+        loss = problem.batch_loss(problem.unflatten(leaf), batch)
         (self.grad,) = torch.autograd.grad(
             loss, self.leaf, create_graph=True, allow_unused=True, materialize_grads=True
         )
         self.batched: bool | None = None  # matmat strategy, set by the operator
 
     def _pull(self, cotangent: Tensor, batched: bool) -> Tensor:
-        if not self.grad.requires_grad:  # the gradient does not depend on the parameters
+        if not self.grad.requires_grad:  # the gradient does not depend on anything
             return torch.zeros_like(cotangent)
         (out,) = torch.autograd.grad(
             self.grad,
@@ -97,10 +96,11 @@ class _Cached(BatchProduct):
             grad_outputs=cotangent,
             retain_graph=True,
             allow_unused=True,
-            materialize_grads=True,
             is_grads_batched=batched,
         )
-        return out
+        # None: the gradient depends on the inputs only (a loss linear in the parameters);
+        # (materialize_grads would give the leaf's shape, without the batched dimension)
+        return torch.zeros_like(cotangent) if out is None else out
 
     def mv_flat(self, v: Tensor) -> Tensor:
         return self._pull(v, batched=False)
@@ -120,8 +120,7 @@ class _Cached(BatchProduct):
         return torch.stack([self._pull(V[:, j], batched=False) for j in range(V.shape[1])], 1)
 
 
-_MODES: dict[str, Any] = {
-    "cached": _Cached,
+_FUNCTIONAL_MODES: dict[str, Any] = {
     "forward-over-reverse": _ForwardOverReverse,
     "reverse-over-reverse": _ReverseOverReverse,
 }
@@ -144,7 +143,8 @@ class HessianOperator(ParameterOperator):
         * ``"reverse-over-reverse"``: ``vjp`` of ``grad``;
         * ``"cached"``: the first-order graph is built once per batch and every product is one
           further backward pass (fastest for iterative algorithms; memory of one
-          forward/backward graph per batch, released by :meth:`release` or with the operator);
+          forward/backward graph per batch and one flat copy of the selected parameters,
+          released by :meth:`release` or with the operator);
         * ``"auto"`` (default): the cached mode for at most ``max_cached_batches`` batches,
           verified by the first real product (no product is spent on a probe) with a fall-back
           to the functional modes should it fail; with more batches each functional mode is
@@ -195,15 +195,24 @@ class HessianOperator(ParameterOperator):
                 f"batched_products must be None, True or False, got {batched_products!r}"
             )
         self.batched_products = batched_products
+        self._leaf: Tensor | None = None  # cached mode: the flat copy of the parameters
         super().__init__(
             problem, mode=mode, chunk_size=chunk_size, max_cached_batches=max_cached_batches
         )
 
     def _prepare(self, batch: Batch, mode: str) -> BatchProduct:
-        prod = _MODES[mode](self.problem, batch)
-        if isinstance(prod, _Cached):
-            prod.batched = self.batched_products
+        if mode != "cached":
+            return _FUNCTIONAL_MODES[mode](self.problem, batch)  # type: ignore[no-any-return]
+        if self._leaf is None:
+            self._leaf = self.problem.flatten(self.problem.params).detach().requires_grad_(True)
+        prod = _Cached(self.problem, batch, self._leaf)
+        prod.batched = self.batched_products
         return prod
+
+    def release(self) -> None:
+        """Free the graphs kept by the cached mode (they are rebuilt on the next product)."""
+        super().release()
+        self._leaf = None
 
     def _matmat(self, V: Tensor) -> Tensor:
         k = V.shape[1]
