@@ -85,6 +85,21 @@ class StepClock(pl.Callback):
         return statistics.fmean(durations) if durations else math.nan
 
 
+def quiet_trainer(steps: int, loggers: list[Logger], callbacks: list[pl.Callback]) -> pl.Trainer:
+    """A CPU trainer for ``steps`` optimizer steps without progress bar, summary or checkpoints."""
+    return pl.Trainer(
+        max_steps=steps,
+        logger=loggers,
+        callbacks=callbacks,
+        accelerator="cpu",
+        devices=1,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        num_sanity_val_steps=0,
+    )
+
+
 def fit(
     arch: str,
     steps: int,
@@ -99,17 +114,7 @@ def fit(
     loggers: list[Logger] = [TensorBoardLogger(str(root), name=arch)]
     if memory:
         loggers.append(mem)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        logger=loggers,
-        callbacks=[c for c in (callback, clock) if c is not None],
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(steps, loggers, [c for c in (callback, clock) if c is not None])
     loader = make_loader(batch_size=32)
     t0, c0 = time.perf_counter(), time.process_time()
     trainer.fit(model, loader)

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-from callback_overhead import MemoryLogger  # noqa: E402
+from callback_overhead import MemoryLogger, quiet_trainer  # noqa: E402
 from digits import DigitsClassifier, make_loader  # noqa: E402
 from nncurv.callbacks import CurvatureMonitor, TopEigenvalues  # noqa: E402
 from nncurv.callbacks._metrics import MetricContext, MetricOutput  # noqa: E402
@@ -77,17 +77,8 @@ def run(arch: str, regime: str, k: int, tol: float, steps: int) -> dict[str, Any
     lr, batch_size, probe, _, every, _ = REGIMES[regime]
     pl.seed_everything(0, verbose=False)
     metric = CheckedTopEigenvalues(k, tol)
-    trainer = pl.Trainer(
-        max_steps=steps,
-        logger=[MemoryLogger()],
-        callbacks=[CurvatureMonitor(metrics=[metric], every_n_steps=every, probe=probe)],
-        accelerator="cpu",
-        devices=1,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        num_sanity_val_steps=0,
-    )
+    monitor = CurvatureMonitor(metrics=[metric], every_n_steps=every, probe=probe)
+    trainer = quiet_trainer(steps, [MemoryLogger()], [monitor])
     trainer.fit(DigitsClassifier(arch, lr=lr), make_loader(batch_size=batch_size))
     # the first call starts cold: leave it out
     return {"errors": sorted(metric.errors[1:]), "products": metric.products[1:]}

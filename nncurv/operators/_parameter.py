@@ -190,31 +190,42 @@ class ParameterOperator(LinearOperator):
         return self.problem.all_reduce(init() if total is None else total)
 
     def _matvec(self, v: Tensor) -> Tensor:
-        vd: Params | None = None  # the dict form, made once and only for dict products
-
-        def product(p: BatchProduct) -> Tensor:
-            nonlocal vd
-            if p.flat:
-                return p.mv_flat(v)
-            if vd is None:
-                vd = self.unflatten(v)
-            return self.flatten(p.mv(vd))
-
-        return self._for_each_batch(product, lambda: torch.zeros_like(v))
+        return self._products(
+            v, lambda p: p.mv_flat(v), self.unflatten, lambda p, d: self.flatten(p.mv(d))
+        )
 
     def _matmat(self, V: Tensor) -> Tensor:
         k = V.shape[1]
-        Vd: Params | None = None
+        return self._products(
+            V,
+            lambda p: p.mm_flat(V),
+            self._split_columns,
+            lambda p, d: self._join_columns(p.mm(d), k),
+        )
+
+    def _products(
+        self,
+        x: Tensor,
+        flat: Callable[[BatchProduct], Tensor],
+        split: Callable[[Tensor], Params],
+        via_dict: Callable[[BatchProduct, Params], Tensor],
+    ) -> Tensor:
+        """Sum the batches' products with ``x``.
+
+        Flat products take ``x`` as it is, dict products its dict form (``split(x)``, made once
+        and only if a dict product needs it).
+        """
+        parts: Params | None = None
 
         def product(p: BatchProduct) -> Tensor:
-            nonlocal Vd
+            nonlocal parts
             if p.flat:
-                return p.mm_flat(V)
-            if Vd is None:
-                Vd = self._split_columns(V)
-            return self._join_columns(p.mm(Vd), k)
+                return flat(p)
+            if parts is None:
+                parts = split(x)
+            return via_dict(p, parts)
 
-        return self._for_each_batch(product, lambda: torch.zeros_like(V))
+        return self._for_each_batch(product, lambda: torch.zeros_like(x))
 
     def release(self) -> None:
         """Free the graphs kept by the cached mode (they are rebuilt on the next product)."""
