@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -120,7 +121,7 @@ class _Cached(BatchProduct):
         return torch.stack([self._pull(V[:, j], batched=False) for j in range(V.shape[1])], 1)
 
 
-_FUNCTIONAL_MODES: dict[str, Any] = {
+_FUNCTIONAL_MODES: dict[str, Callable[[CurvatureProblem, Batch], BatchProduct]] = {
     "forward-over-reverse": _ForwardOverReverse,
     "reverse-over-reverse": _ReverseOverReverse,
 }
@@ -202,7 +203,7 @@ class HessianOperator(ParameterOperator):
 
     def _prepare(self, batch: Batch, mode: str) -> BatchProduct:
         if mode != "cached":
-            return _FUNCTIONAL_MODES[mode](self.problem, batch)  # type: ignore[no-any-return]
+            return _FUNCTIONAL_MODES[mode](self.problem, batch)
         if self._leaf is None:
             self._leaf = self.problem.flatten(self.problem.params).detach().requires_grad_(True)
         prod = _Cached(self.problem, batch, self._leaf)
