@@ -40,6 +40,25 @@ class StepSchedule:
         p = self.points_per_decade
         return math.floor(p * math.log10(step) + 1e-9) > math.floor(p * math.log10(step - 1) + 1e-9)
 
+    def next_after(self, step: int) -> int:
+        """The first scheduled step after ``step`` (``>= 0``).
+
+        Example:
+            >>> StepSchedule("log", points_per_decade=4).next_after(10)
+            18
+        """
+        if step < 1:
+            return 1 if self.kind == "log" else self.every_n_steps
+        if self.kind == "every":
+            return (step // self.every_n_steps + 1) * self.every_n_steps
+        # log-spaced: the first t > step with floor(p log10 t) above its value at step
+        p = self.points_per_decade
+        level = math.floor(p * math.log10(step) + 1e-9)
+        t = max(step + 1, math.floor(10 ** ((level + 1) / p)) - 2)
+        while not self(t):
+            t += 1
+        return t
+
     def steps(self, last: int) -> list[int]:
         """Scheduled steps up to ``last``."""
         return [s for s in range(1, last + 1) if self(s)]

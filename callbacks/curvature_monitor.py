@@ -62,6 +62,7 @@ _LOSS_ATTRS = ("loss_fn", "criterion", "loss_func")
 # 1.5 % of a 1 ms training step for the six hooks of a step. Lightning skips a hook attribute
 # that is not callable (the ``callable(fn)`` test of ``_call_callback_hooks``, Lightning >= 2.0),
 # so the monitor sets the hooks it does not need to ``None`` on the instance.
+_MISSING = object()
 _BATCH_HOOKS = (
     "on_train_batch_start",
     "on_before_backward",
@@ -148,13 +149,19 @@ class CurvatureMonitor(Callback):
     weights (deterministic settings). Computations run in the parameters' dtype with autocast
     disabled (float32 under ``*-mixed`` precision) unless ``autocast=True``.
 
-    Between calls the monitor costs a few microseconds a step. Lightning dispatches every
-    per-batch hook of every callback at every step (about 3 us each), so at ``setup`` the hooks
-    this run does not need are set to ``None`` on the instance, which Lightning skips, and at
-    ``teardown`` they are shown again. ``on_train_batch_end`` remains;
+    Between calls the monitor costs about a microsecond a step. Lightning dispatches every
+    per-batch hook of every callback at every step (about 3 us each, in its profiler's
+    context), so at ``setup`` the hooks this run does not need are set to ``None`` on the
+    instance, which Lightning skips, and at ``teardown`` they are shown again.
     ``on_train_batch_start`` runs until the probe batches are taken (before the training step
     can change them) and the call at step 0 is made; ``on_validation_batch_end`` runs with
     ``validation``; hooks a subclass overrides or the user sets on the instance are kept.
+    ``on_train_batch_end`` is shown only from the step before a scheduled one until its call
+    is made: with a single ``torch.optim.Optimizer``, a step hook on it
+    (``register_step_post_hook``, removed at the end of fitting) follows the steps instead,
+    and where that is not possible (several optimizers, a subclass that overrides
+    ``should_compute`` or ``on_train_batch_end``, ``at_fit_end`` with ``probe="fresh"``, which
+    keeps the last batch) ``on_train_batch_end`` runs at every step.
 
     Under DDP every rank takes part in each product (the distributed operator all-reduces
     each matrix-vector product; probes come from identically seeded generators), so the metrics
@@ -323,6 +330,12 @@ class CurvatureMonitor(Callback):
         # probe batches to collect from the first training batches
         self._probe_wanted = 0
         self._hooks_hidden = False  # by _select_hooks (Lightning's setup) until teardown
+        # the optimizer's step hook (see _arm): on_train_batch_end is then shown only around
+        # scheduled steps; armed once the hook has seen a step
+        self._step_hook: Any = None
+        self._trainer: pl.Trainer | None = None
+        self._armed = False
+        self._due: int | None = None  # the next scheduled step after _last_step (cached)
         if probe_data is None and probe != "fresh":
             self._probe_wanted = 1 if probe == "fixed" else int(probe)
         self._layout_written: set[int] = set()
@@ -422,10 +435,95 @@ class CurvatureMonitor(Callback):
         self._hooks_hidden = True
 
     def _show_hooks(self) -> None:
+        self._disarm()
         for name in _BATCH_HOOKS:
-            if name in self.__dict__ and self.__dict__[name] is None:
-                del self.__dict__[name]
+            self._show(name)
         self._hooks_hidden = False
+
+    def _show(self, name: str) -> None:
+        if self.__dict__.get(name, _MISSING) is None:
+            del self.__dict__[name]
+
+    # --------------------------------------------------------- the optimizer's step hook
+    def _arm(self, trainer: pl.Trainer) -> None:
+        """Follow the optimizer steps with a step hook on the optimizer (``on_train_start``).
+
+        A torch step hook costs a plain function call, against Lightning's dispatch of a
+        callback hook (a profiler context, a name built, ``getattr`` on every callback) and
+        the hook itself: about 30 of the Python calls of a step. ``on_train_batch_end`` is
+        hidden once the step hook has seen a step, and shown for the steps around a
+        scheduled one (see :meth:`_after_optimizer_step`).
+        """
+        optimizers = trainer.optimizers
+        if (
+            not self._hooks_hidden  # (not in a fit set up by Lightning)
+            or len(optimizers) != 1
+            or not isinstance(optimizers[0], torch.optim.Optimizer)
+            or type(self).should_compute is not CurvatureMonitor.should_compute
+            or type(self).on_train_batch_end is not CurvatureMonitor.on_train_batch_end
+            or "on_train_batch_end" in self.__dict__
+            or (self.at_fit_end and self.probe == "fresh" and self.probe_data is None)
+        ):
+            return
+        self._trainer = trainer
+        self._step_hook = optimizers[0].register_step_post_hook(self._after_optimizer_step)
+
+    def _disarm(self) -> None:
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
+        self._trainer = None
+        if self._armed:
+            self._armed = False
+            self._show("on_train_batch_end")
+
+    def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """The optimizer's step hook: mark the step and show ``on_train_batch_end`` if needed.
+
+        Lightning counts the step when ``optimizer.step`` returns, so this is step
+        ``global_step + 1``. ``on_train_batch_end`` is shown for a call that is due (or
+        pending) and allowed by the budget, and for the step before a scheduled one: a step
+        whose ``optimizer.step`` is skipped (a mixed-precision step with infinite gradients)
+        reaches no step hook, but still counts as a step.
+        """
+        t0 = time.perf_counter()
+        self.budget.tick(t0)
+        if not self._armed:
+            self._armed = True
+            self.on_train_batch_end = None  # type: ignore[method-assign,assignment]
+        assert self._trainer is not None
+        step = self._trainer.global_step + 1
+        due = self._next_due()
+        if self._pending or step >= due or (self._num_calls == 0 and self._fast_dev_run):
+            if self._world_size > 1 or self.budget.allowed(self._elapsed(t0)):
+                self._show("on_train_batch_end")  # (under DDP it decides, on every rank)
+            else:
+                self._postpone()
+        elif step + 1 >= due:
+            self._show("on_train_batch_end")
+        self.budget.spent += time.perf_counter() - t0
+
+    def _next_due(self) -> int:
+        """The first scheduled step after the last step handled."""
+        if self._due is None or self._due <= self._last_step:
+            self._due = self.schedule.next_after(max(self._last_step, 0))
+        return self._due
+
+    def _is_due(self, step: int) -> bool:
+        """Whether a scheduled step lies in ``(last step handled, step]``."""
+        if type(self).should_compute is not CurvatureMonitor.should_compute:
+            return self.should_compute(step)
+        return step >= self._next_due()
+
+    def _postpone(self) -> None:
+        self.budget.skipped += 1
+        if "budget" not in self._warned:
+            self._warn_once(
+                "budget",
+                f"CurvatureMonitor: a call costs {self.budget.last_cost:.3g} s, more than "
+                f"the overhead budget of {self.budget.fraction:.1%} allows at this "
+                "schedule; calls are spaced out to stay within it",
+            )
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -499,6 +597,7 @@ class CurvatureMonitor(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
+        self._arm(trainer)
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -523,37 +622,42 @@ class CurvatureMonitor(Callback):
         batch: Any,
         batch_idx: int,
     ) -> None:
-        # every step passes here: kept to a few microseconds, and its time counts as the
-        # callback's in the overhead budget
+        # without the optimizer's step hook every step passes here: kept to a few
+        # microseconds, and its time counts as the callback's in the overhead budget
         t0 = time.perf_counter()
-        self.budget.tick(t0)
+        if not self._armed:  # (armed: the step hook ticked the budget)
+            self.budget.tick(t0)
         if self.at_fit_end:
             self._last_batch = batch
         step = trainer.global_step
         if step <= self._last_step:
             return  # the same optimizer step (gradient accumulation) or already logged
-        self._last_step = step
-        if self.should_compute(step) or (self._num_calls == 0 and self._fast_dev_run):
+        if self._is_due(step) or (self._num_calls == 0 and self._fast_dev_run):
             self._pending = True
+        self._last_step = step
         if self._pending:
             allowed = self.budget.allowed(self._elapsed(t0))
             if self.budget.fraction is not None and self._world_size > 1:
                 allowed = bool(trainer.strategy.broadcast(allowed, src=0))  # same on all ranks
             if allowed:
                 self._run(trainer, pl_module, batch, step, at_step=True)
+                self._follow(step)
                 return
-            self.budget.skipped += 1
-            if "budget" not in self._warned:
-                self._warn_once(
-                    "budget",
-                    f"CurvatureMonitor: a call costs {self.budget.last_cost:.3g} s, more than "
-                    f"the overhead budget of {self.budget.fraction:.1%} allows at this "
-                    "schedule; calls are spaced out to stay within it",
-                )
+            self._postpone()
+        self._follow(step)
         self.budget.spent += time.perf_counter() - t0
+
+    def _follow(self, step: int) -> None:
+        """With the step hook: hide this hook again unless the next step is scheduled.
+
+        (Within an optimizer step, under gradient accumulation, it stays as it is.)
+        """
+        if self._armed and step + 1 < self._next_due():
+            self.on_train_batch_end = None  # type: ignore[method-assign,assignment]
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._disarm()
         step = trainer.global_step
         if self.at_fit_end and step > self._last_computed:
             self._run(trainer, pl_module, self._last_batch, step)
@@ -818,6 +922,7 @@ class CurvatureMonitor(Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._last_step = int(state_dict.get("last_step", -1))
+        self._due = None
         self._last_computed = int(state_dict.get("last_computed", -1))
         self._pending = bool(state_dict.get("pending", False))
         self._num_calls = int(state_dict.get("num_calls", 0))

@@ -216,6 +216,73 @@ def test_gradient_accumulation_computes_once_per_optimizer_step(tmp_path):
     assert spy.curvature_steps() == [1, 2, 3]
 
 
+class Skipping(Regression):
+    """Runs the closure but skips ``optimizer.step`` at the given steps, as a mixed-precision
+    step with infinite gradients does (Lightning still counts the step)."""
+
+    def __init__(self, d: int, skip: set[int]) -> None:
+        super().__init__(d, lr=0.01)
+        self.skip = skip
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, closure: Any) -> None:
+        if self.trainer.global_step + 1 in self.skip:
+            closure()
+        else:
+            optimizer.step(closure=closure)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_the_step_hook_follows_the_schedule_through_skipped_and_accumulated_steps(
+    tmp_path, accumulate
+):
+    """With one optimizer the monitor follows the steps with a step hook on the optimizer and
+    Lightning dispatches ``on_train_batch_end`` only from the step before a scheduled one to
+    its call. A scheduled step whose ``optimizer.step`` is skipped reaches no step hook and is
+    still computed at its own step; the hook is removed after fitting."""
+    X, y = regression_data(64, 3)
+    spy = SpyLogger(str(tmp_path))
+    cb = CurvatureMonitor(metrics=["top_eig"], every_n_steps=5, probe=1)
+    trainer = make_trainer(
+        tmp_path,
+        [cb],
+        logger=spy,
+        max_steps=15,
+        accumulate_grad_batches=accumulate,
+        profiler="simple",
+        precision="64-true",
+    )
+    model = Skipping(3, skip={5, 7, 9})  # 5: scheduled; 9: the step before one
+    trainer.fit(model, loader(X, y, 2))
+    assert spy.curvature_steps() == [5, 10, 15]
+    pre = f"[Callback]{cb.state_key}."
+    durations = trainer.profiler.recorded_durations  # type: ignore[attr-defined]
+    # dispatched at steps 4, 5, 10, 14, 15 (not 9, whose step hook never ran, nor 8: the
+    # step hook of 10 shows it); with two micro-batches a step, also at the first ones of 5
+    # and 15 and at the very first, before the step hook has seen a step
+    assert len(durations[pre + "on_train_batch_end"]) == {1: 5, 2: 8}[accumulate]
+    assert cb._step_hook is None and not trainer.optimizers[0]._optimizer_step_post_hooks
+    assert "on_train_batch_end" not in cb.__dict__  # callable by hand again
+
+
+def test_the_monitor_dispatches_every_step_where_it_cannot_predict_its_calls(tmp_path):
+    """A subclass with its own ``should_compute`` (or two optimizers) gets
+    ``on_train_batch_end`` at every step, as before the step hook."""
+    X, y = regression_data(32, 3)
+
+    class Odd(CurvatureMonitor):
+        def should_compute(self, step: int) -> bool:
+            return step % 2 == 1
+
+    spy = SpyLogger(str(tmp_path))
+    cb = Odd(metrics=["top_eig"])
+    trainer = make_trainer(tmp_path, [cb], logger=spy, max_steps=6, profiler="simple")
+    trainer.fit(Regression(3, lr=0.01).float(), loader(X.float(), y.float(), 4))
+    assert spy.curvature_steps() == [1, 3, 5]
+    pre = f"[Callback]{cb.state_key}."
+    durations = trainer.profiler.recorded_durations  # type: ignore[attr-defined]
+    assert len(durations[pre + "on_train_batch_end"]) == 6 and cb._step_hook is None
+
+
 def test_log_spaced_schedule_and_fit_start_end(tmp_path):
     X, y = regression_data(64, 3)
     spy = SpyLogger(str(tmp_path))
