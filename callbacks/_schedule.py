@@ -77,8 +77,9 @@ class OverheadBudget:
     one (caches refilled, TensorBoard's writer thread serialising the new events); the excess
     of that step over the median of the recent steps without a call (at most half the call's
     own cost) is the callback's too. Lightning's dispatch of a hook happens outside it and
-    cannot be measured from inside (about 3 us; the monitor hides the hooks it does not need, so
-    one is dispatched per step: 0.3 % of a 1 ms step).
+    cannot be measured from inside (about 3 us); the monitor follows the steps with a step
+    hook on the optimizer, a plain function call, and Lightning dispatches its
+    ``on_train_batch_end`` only around its calls.
 
     Example:
         >>> b = OverheadBudget(0.1)

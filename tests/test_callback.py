@@ -283,6 +283,46 @@ def test_the_monitor_dispatches_every_step_where_it_cannot_predict_its_calls(tmp
     assert len(durations[pre + "on_train_batch_end"]) == 6 and cb._step_hook is None
 
 
+class Manual(Regression):
+    """Manual optimization with ``n`` SGD optimizers, each stepped at every batch (Lightning
+    counts every optimizer step: ``global_step`` advances by ``n`` a batch)."""
+
+    def __init__(self, d: int, n: int) -> None:
+        super().__init__(d, lr=0.01)
+        self.automatic_optimization = False
+        self.n = n
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        for opt in self.optimizers() if self.n > 1 else [self.optimizers()]:  # type: ignore[union-attr]
+            opt.zero_grad()
+            loss = super().training_step(batch, batch_idx)
+            self.manual_backward(loss)
+            opt.step()
+        return loss.detach()
+
+    def configure_optimizers(self) -> Any:
+        return [torch.optim.SGD(self.parameters(), lr=self.lr) for _ in range(self.n)]
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_manual_optimization_computes_at_or_right_after_each_scheduled_step(tmp_path, n):
+    """One optimizer: the step hook follows it and each scheduled step is computed. Two (the
+    monitor then runs at every batch): ``global_step`` jumps by two, and a scheduled step that
+    falls between two batches is computed at the next one."""
+    X, y = regression_data(64, 3)
+    spy = SpyLogger(str(tmp_path))
+    cb = CurvatureMonitor(metrics=["top_eig"], every_n_steps=3)
+    trainer = make_trainer(
+        tmp_path, [cb], logger=spy, max_steps=12, precision="64-true", profiler="simple"
+    )
+    trainer.fit(Manual(3, n), loader(X, y, 4))
+    assert spy.curvature_steps() == {1: [3, 6, 9, 12], 2: [4, 6, 10, 12]}[n]
+    durations = trainer.profiler.recorded_durations  # type: ignore[attr-defined]
+    dispatched = len(durations[f"[Callback]{cb.state_key}.on_train_batch_end"])
+    assert dispatched == {1: 8, 2: 6}[n]  # 1: steps 2-3, 5-6, 8-9, 11-12; 2: every batch
+    assert (cb._step_hook is None) and ("on_train_batch_end" not in cb.__dict__)
+
+
 def test_log_spaced_schedule_and_fit_start_end(tmp_path):
     X, y = regression_data(64, 3)
     spy = SpyLogger(str(tmp_path))
