@@ -51,11 +51,16 @@ class StepSchedule:
             return 1 if self.kind == "log" else self.every_n_steps
         if self.kind == "every":
             return (step // self.every_n_steps + 1) * self.every_n_steps
-        # log-spaced: the first t > step with floor(p log10 t) above its value at step
+        # log-spaced: the first t > step with floor(p log10 t) above its value at step, found
+        # from just below 10^((level + 1) / p) (a start past it would skip a decade)
         p = self.points_per_decade
-        level = math.floor(p * math.log10(step) + 1e-9)
-        t = max(step + 1, math.floor(10 ** ((level + 1) / p)) - 2)
-        while not self(t):
+
+        def level(t: int) -> int:
+            return math.floor(p * math.log10(t) + 1e-9)
+
+        now = level(step)
+        t = max(step + 1, math.floor(10 ** ((now + 1 - 1e-8) / p)) - 2)
+        while level(t) <= now:
             t += 1
         return t
 
@@ -112,8 +117,9 @@ class OverheadBudget:
     def tick(self, now: float) -> None:
         """Mark the end of a training step (``now``: ``time.perf_counter()``).
 
-        The step right after a call (see :meth:`record`) is compared with the median of the
-        recent steps without one and its excess is added to the callback's time.
+        The monitor ticks at the optimizer's step (or, without its step hook, at the end of
+        each batch). The step right after a call (see :meth:`record`) is compared with the
+        median of the recent steps without one and its excess is added to the callback's time.
         """
         last, self._last_tick = self._last_tick, now
         if last is None:

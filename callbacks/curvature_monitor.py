@@ -158,10 +158,9 @@ class CurvatureMonitor(Callback):
     ``validation``; hooks a subclass overrides or the user sets on the instance are kept.
     ``on_train_batch_end`` is shown only from the step before a scheduled one until its call
     is made: with a single ``torch.optim.Optimizer``, a step hook on it
-    (``register_step_post_hook``, removed at the end of fitting) follows the steps instead,
-    and where that is not possible (several optimizers, a subclass that overrides
-    ``should_compute`` or ``on_train_batch_end``, ``at_fit_end`` with ``probe="fresh"``, which
-    keeps the last batch) ``on_train_batch_end`` runs at every step.
+    (``register_step_post_hook``, removed at the end of fitting) follows the steps instead;
+    where that is not possible (see :meth:`_arm`) ``on_train_batch_end`` runs at every step.
+    A scheduled step is computed at the first optimizer step that reaches or passes it.
 
     Under DDP every rank takes part in each product (the distributed operator all-reduces
     each matrix-vector product; probes come from identically seeded generators), so the metrics
@@ -334,6 +333,7 @@ class CurvatureMonitor(Callback):
         # scheduled steps; armed once the hook has seen a step
         self._step_hook: Any = None
         self._trainer: pl.Trainer | None = None
+        self._armed_optimizer: torch.optim.Optimizer | None = None
         self._armed = False
         self._due: int | None = None  # the next scheduled step after _last_step (cached)
         if probe_data is None and probe != "fresh":
@@ -453,29 +453,57 @@ class CurvatureMonitor(Callback):
         the hook itself: about 30 of the Python calls of a step. ``on_train_batch_end`` is
         hidden once the step hook has seen a step, and shown for the steps around a
         scheduled one (see :meth:`_after_optimizer_step`).
+
+        Not done (``on_train_batch_end`` then runs at every step) with several optimizers, an
+        optimizer whose ``step`` torch does not wrap with its hooks (one that skips
+        ``Optimizer.__init__``), a gradient scaler (``16-mixed``: it skips the steps with
+        infinite gradients, several in a row at times, which no step hook sees), a custom
+        ``should_compute`` or ``on_train_batch_end`` (subclass or instance), or ``at_fit_end``
+        with ``probe="fresh"`` (which keeps the last batch).
         """
+        self._disarm()
         optimizers = trainer.optimizers
+        opt = optimizers[0] if len(optimizers) == 1 else None
         if (
             not self._hooks_hidden  # (not in a fit set up by Lightning)
-            or len(optimizers) != 1
-            or not isinstance(optimizers[0], torch.optim.Optimizer)
-            or type(self).should_compute is not CurvatureMonitor.should_compute
+            or not isinstance(opt, torch.optim.Optimizer)
+            or "_optimizer_step_post_hooks" not in vars(opt)
+            or not getattr(type(opt).step, "hooked", False)
+            or getattr(trainer.precision_plugin, "scaler", None) is not None
+            or self._custom_schedule()
             or type(self).on_train_batch_end is not CurvatureMonitor.on_train_batch_end
             or "on_train_batch_end" in self.__dict__
             or (self.at_fit_end and self.probe == "fresh" and self.probe_data is None)
         ):
             return
         self._trainer = trainer
-        self._step_hook = optimizers[0].register_step_post_hook(self._after_optimizer_step)
+        self._armed_optimizer = opt
+        self._step_hook = opt.register_step_post_hook(self._after_optimizer_step)
+
+    def _custom_schedule(self) -> bool:
+        """Whether ``should_compute`` is overridden (by a subclass or on the instance)."""
+        return (
+            type(self).should_compute is not CurvatureMonitor.should_compute
+            or "should_compute" in self.__dict__
+        )
 
     def _disarm(self) -> None:
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
         self._trainer = None
+        self._armed_optimizer = None
         if self._armed:
             self._armed = False
             self._show("on_train_batch_end")
+
+    @override
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # an optimizer replaced between epochs (e.g. strategy.setup_optimizers) gets the hook
+        if self._step_hook is not None and (
+            len(trainer.optimizers) != 1 or trainer.optimizers[0] is not self._armed_optimizer
+        ):
+            self._arm(trainer)
 
     def _after_optimizer_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """The optimizer's step hook: mark the step and show ``on_train_batch_end`` if needed.
@@ -486,19 +514,22 @@ class CurvatureMonitor(Callback):
         whose ``optimizer.step`` is skipped (a mixed-precision step with infinite gradients)
         reaches no step hook, but still counts as a step.
         """
+        trainer = self._trainer
+        if trainer is None:  # (a handle that outlived its fit)
+            return
         t0 = time.perf_counter()
         self.budget.tick(t0)
         if not self._armed:
             self._armed = True
             self.on_train_batch_end = None  # type: ignore[method-assign,assignment]
-        assert self._trainer is not None
-        step = self._trainer.global_step + 1
+        step = trainer.global_step + 1
         due = self._next_due()
         if self._pending or step >= due or (self._num_calls == 0 and self._fast_dev_run):
             if self._world_size > 1 or self.budget.allowed(self._elapsed(t0)):
                 self._show("on_train_batch_end")  # (under DDP it decides, on every rank)
             else:
                 self._postpone()
+                self.on_train_batch_end = None  # type: ignore[method-assign,assignment]
         elif step + 1 >= due:
             self._show("on_train_batch_end")
         self.budget.spent += time.perf_counter() - t0
@@ -511,7 +542,7 @@ class CurvatureMonitor(Callback):
 
     def _is_due(self, step: int) -> bool:
         """Whether a scheduled step lies in ``(last step handled, step]``."""
-        if type(self).should_compute is not CurvatureMonitor.should_compute:
+        if self._custom_schedule():
             return self.should_compute(step)
         return step >= self._next_due()
 

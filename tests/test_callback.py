@@ -7,6 +7,7 @@ import warnings
 from typing import Any
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from nncurv.callbacks import (
     CurvatureMetric,
@@ -25,6 +26,7 @@ from nncurv.callbacks import (
 )
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from torch import nn
 
 from nncurv.linalg import NonFiniteError
 from tests.test_callback_common import (  # noqa: F401 - one_thread is a fixture
@@ -283,6 +285,72 @@ def test_the_monitor_dispatches_every_step_where_it_cannot_predict_its_calls(tmp
     assert len(durations[pre + "on_train_batch_end"]) == 6 and cb._step_hook is None
 
 
+class Wrapped(torch.optim.Optimizer):
+    """An optimizer wrapper that skips ``Optimizer.__init__`` (as ``torch_optimizer``'s
+    Lookahead does): torch does not run step hooks for it."""
+
+    def __init__(self, base: torch.optim.Optimizer) -> None:  # noqa: D107
+        self.base = base
+        self.defaults = base.defaults
+        self.param_groups = base.param_groups
+        self.state = base.state
+
+    def step(self, closure: Any = None) -> Any:  # type: ignore[override]
+        return self.base.step(closure)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base.zero_grad(set_to_none)
+
+
+class Swapping(pl.Callback):
+    """Builds the optimizers again when the second epoch starts."""
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: Any) -> None:
+        if trainer.current_epoch == 1:
+            trainer.strategy.setup_optimizers(trainer)
+
+
+@pytest.mark.parametrize("case", ["wrapped", "swapped", "instance schedule"])
+def test_the_monitor_keeps_its_schedule_where_the_step_hook_cannot_follow(tmp_path, case):
+    """An optimizer without torch's step hooks, an optimizer replaced between epochs and a
+    ``should_compute`` set on the instance: every scheduled step is still computed."""
+    X, y = regression_data(32, 3)
+    spy = SpyLogger(str(tmp_path))
+    cb = CurvatureMonitor(metrics=["top_eig"], every_n_steps=5)
+    callbacks: list[Any] = [cb]
+    model = Regression(3, lr=0.01)
+    expected = [5, 10, 15, 20]
+    if case == "wrapped":
+        model.configure_optimizers = lambda: Wrapped(  # type: ignore[method-assign]
+            torch.optim.SGD(model.parameters(), lr=0.01)
+        )
+    elif case == "swapped":
+        callbacks.insert(0, Swapping())
+    else:
+        cb.should_compute = lambda step: step in (2, 3, 7)  # type: ignore[method-assign]
+        expected = [2, 3, 7]
+    trainer = make_trainer(tmp_path, callbacks, logger=spy, max_steps=24, precision="64-true")
+    trainer.fit(model, loader(X, y, 4))  # 8 steps an epoch
+    assert spy.curvature_steps() == expected
+    assert cb._step_hook is None
+
+
+def test_no_step_hook_with_a_gradient_scaler():
+    """A gradient scaler skips steps with infinite gradients, several in a row at times, which
+    no step hook sees: the monitor then keeps ``on_train_batch_end`` at every step."""
+    from types import SimpleNamespace
+
+    opt = torch.optim.SGD(nn.Linear(2, 1).parameters(), lr=0.1)
+    for scaler, armed in [(None, True), (object(), False)]:
+        cb = CurvatureMonitor(metrics=["top_eig"])
+        cb._hooks_hidden = True  # (as in a fit set up by Lightning)
+        trainer = SimpleNamespace(optimizers=[opt], precision_plugin=SimpleNamespace(scaler=scaler))
+        cb._arm(trainer)  # type: ignore[arg-type]
+        assert (cb._step_hook is not None) is armed
+        cb._disarm()
+    assert not opt._optimizer_step_post_hooks
+
+
 class Manual(Regression):
     """Manual optimization with ``n`` SGD optimizers, each stepped at every batch (Lightning
     counts every optimizer step: ``global_step`` advances by ``n`` a batch)."""
@@ -346,6 +414,24 @@ def test_schedule_unit():
     assert all(1.2 < r < 1.33 for r in ratios), ratios  # 10**(1/10) = 1.259
 
 
+@pytest.mark.parametrize(
+    "kind,p", [("every", 7), ("every", 1), ("log", 1), ("log", 4), ("log", 10)]
+)
+def test_next_scheduled_step(kind, p):
+    """``next_after(s)``, the first scheduled step after ``s``, against a scan of the steps:
+    every step up to 3000, and the steps just below each log-spaced step up to 10^12 (where a
+    start computed past the threshold once made the search run to the next decade)."""
+    sched = StepSchedule(kind, every_n_steps=p, points_per_decade=p)
+    for s in range(3000):
+        assert sched.next_after(s) == next(t for t in range(s + 1, 10**6) if sched(t)), s
+    if kind == "log":
+        for level in range(3 * p, 12 * p):
+            t = math.floor(10 ** ((level - 1e-9) / p)) - 3
+            while not sched(t):
+                t += 1  # the scheduled step of this level
+            assert [sched.next_after(s) for s in range(t - 4, t)] == [t] * 4, (level, t)
+
+
 def test_overhead_budget_unit():
     b = OverheadBudget(0.1)
     assert b.allowed(0.0)  # unknown cost: allowed
@@ -407,7 +493,7 @@ def test_overhead_budget_spaces_calls_out(tmp_path):
         trainer.fit(Regression(3, lr=0.01), loader(X, y, 2))
     steps = spy.curvature_steps(P + "slow/x")
     assert 1 <= len(steps) < 10, steps
-    assert cb.budget.skipped > 0
+    assert cb.budget.skipped == 30 - len(steps)  # each step without a call, refused once
 
 
 # --------------------------------------------------------------------------- loggers, errors
