@@ -511,8 +511,9 @@ class CurvatureMonitor(Callback):
         Lightning counts the step when ``optimizer.step`` returns, so this is step
         ``global_step + 1``. ``on_train_batch_end`` is shown for a call that is due (or
         pending) and allowed by the budget, and for the step before a scheduled one: a step
-        whose ``optimizer.step`` is skipped (a mixed-precision step with infinite gradients)
-        reaches no step hook, but still counts as a step.
+        whose ``optimizer.step`` is skipped (by a custom ``optimizer_step``) reaches no step
+        hook, but still counts as a step. (If the step before is skipped too, the call comes
+        one step late; a gradient scaler, which can skip several, keeps the per-step hook.)
         """
         trainer = self._trainer
         if trainer is None:  # (a handle that outlived its fit)
