@@ -149,7 +149,7 @@ class CurvatureMonitor(Callback):
     weights (deterministic settings). Computations run in the parameters' dtype with autocast
     disabled (float32 under ``*-mixed`` precision) unless ``autocast=True``.
 
-    Between calls the monitor costs about a microsecond a step. Lightning dispatches every
+    Between calls the monitor costs a few microseconds a step. Lightning dispatches every
     per-batch hook of every callback at every step (about 3 us each, in its profiler's
     context), so at ``setup`` the hooks this run does not need are set to ``None`` on the
     instance, which Lightning skips, and at ``teardown`` they are shown again.
