@@ -444,6 +444,10 @@ class CurvatureMonitor(Callback):
         if self.__dict__.get(name, _MISSING) is None:
             del self.__dict__[name]
 
+    def _hide_end(self) -> None:
+        """With the step hook: hide ``on_train_batch_end`` (a dict write, on the step path)."""
+        self.__dict__["on_train_batch_end"] = None
+
     # --------------------------------------------------------- the optimizer's step hook
     def _arm(self, trainer: pl.Trainer) -> None:
         """Follow the optimizer steps with a step hook on the optimizer (``on_train_start``).
@@ -522,7 +526,7 @@ class CurvatureMonitor(Callback):
         self.budget.tick(t0)
         if not self._armed:
             self._armed = True
-            self.on_train_batch_end = None  # type: ignore[method-assign,assignment]
+            self._hide_end()
         step = trainer.global_step + 1
         due = self._next_due()
         if self._pending or step >= due or (self._num_calls == 0 and self._fast_dev_run):
@@ -530,7 +534,7 @@ class CurvatureMonitor(Callback):
                 self._show("on_train_batch_end")  # (under DDP it decides, on every rank)
             else:
                 self._postpone()
-                self.on_train_batch_end = None  # type: ignore[method-assign,assignment]
+                self._hide_end()
         elif step + 1 >= due:
             self._show("on_train_batch_end")
         self.budget.spent += time.perf_counter() - t0
@@ -685,7 +689,7 @@ class CurvatureMonitor(Callback):
         (Within an optimizer step, under gradient accumulation, it stays as it is.)
         """
         if self._armed and step + 1 < self._next_due():
-            self.on_train_batch_end = None  # type: ignore[method-assign,assignment]
+            self._hide_end()
 
     @override
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
