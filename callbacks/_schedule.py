@@ -78,12 +78,15 @@ class OverheadBudget:
     step at which it is; calls are therefore spaced out exactly as much as needed.
 
     The callback's time counts its calls, its per-step hooks and the *aftermath* of each call
-    made at a training step: the training step right after a call runs slower than a typical
-    one (caches refilled, TensorBoard's writer thread serialising the new events); the excess
-    of that step over the median of the recent steps without a call (at most half the call's
-    own cost) is the callback's too. Lightning's dispatch of a hook happens outside it and
-    cannot be measured from inside (about 3 us); the monitor follows the steps with a step
-    hook on the optimizer, a plain function call, and Lightning dispatches its
+    made at a training step: the training steps right after a call run slower than typical
+    ones (caches and the allocator's free lists refilled, TensorBoard's writer thread
+    serialising the new events). Over the :attr:`AFTERMATH_STEPS` steps after a call, the sum
+    of each step's excess over the median of the recent steps without a call (a signed sum, so
+    that the jitter of ordinary steps cancels; at least zero and at most half the call's own
+    cost) is the callback's too. On the digits MLP the first step after a call is about 1 ms
+    slower and the next seven about 0.5 ms together. Lightning's dispatch of a hook happens
+    outside it and cannot be measured from inside (about 3 us); the monitor follows the steps
+    with a step hook on the optimizer, a plain function call, and Lightning dispatches its
     ``on_train_batch_end`` only around its calls.
 
     Example:
@@ -92,9 +95,13 @@ class OverheadBudget:
         ...     b.tick(float(t))
         >>> b.record(2.0, now=11.0)  # a call of 2 s ends at t = 11
         >>> b.tick(12.5)  # the next step takes 1.5 s instead of 1 s
-        >>> b.spent, b.aftermath
-        (2.5, 0.5)
+        >>> b.tick(13.7)  # and the one after 1.2 s
+        >>> round(b.spent, 6), round(b.aftermath, 6)
+        (2.7, 0.7)
     """
+
+    AFTERMATH_STEPS = 8
+    """Steps after a call whose slowdown is charged to the callback."""
 
     def __init__(self, fraction: float | None) -> None:
         self.fraction = fraction
@@ -105,7 +112,11 @@ class OverheadBudget:
         self.aftermath = 0.0  # part of `spent`: slower steps right after calls
         self._intervals: deque[float] = deque(maxlen=64)  # recent steps without a call
         self._last_tick: float | None = None
-        self._after_call = False
+        self._after_left = 0  # steps left in the current call's aftermath window
+        self._after_sum = 0.0  # signed sum of their excess over the typical step
+        self._after_charged = 0.0  # the part of it charged so far
+        self._after_cap = 0.0  # half the cost of the call that opened the window
+        self._typical: float | None = None  # the typical step, taken at the window's start
 
     def allowed(self, elapsed: float) -> bool:
         """Whether a call may run now, ``elapsed`` seconds (wall) after fitting started."""
@@ -118,33 +129,43 @@ class OverheadBudget:
         """Mark the end of a training step (``now``: ``time.perf_counter()``).
 
         The monitor ticks at the optimizer's step (or, without its step hook, at the end of
-        each batch). The step right after a call (see :meth:`record`) is compared with the
-        median of the recent steps without one and its excess is added to the callback's time.
+        each batch). The :attr:`AFTERMATH_STEPS` steps after a call (see :meth:`record`) are
+        compared with the median of the recent steps without one, and the running sum of
+        their excess, clipped to ``[0, cost / 2]``, is the callback's time.
         """
         last, self._last_tick = self._last_tick, now
         if last is None:
             return
         interval = now - last
-        if not self._after_call:
+        if not self._after_left:
             self._intervals.append(interval)
             return
-        self._after_call = False
-        if len(self._intervals) >= 8 and self.last_cost is not None:
-            typical = statistics.median(self._intervals)
-            extra = min(max(0.0, interval - typical), 0.5 * self.last_cost)
-            self.spent += extra
-            self.aftermath += extra
+        self._after_left -= 1
+        if self._typical is None:  # the window's first step
+            if len(self._intervals) < 8:  # too few steps to know a typical one
+                self._after_left = 0
+                return
+            self._typical = statistics.median(self._intervals)
+        self._after_sum += interval - self._typical
+        charge = min(max(0.0, self._after_sum), self._after_cap)
+        extra, self._after_charged = charge - self._after_charged, charge
+        self.spent += extra
+        self.aftermath += extra
 
     def record(self, seconds: float, now: float | None = None) -> None:
         """Account for a call that took ``seconds``.
 
         ``now`` (the time the call ended) marks a call made at a training step: the next
-        :meth:`tick` then measures that step's aftermath.
+        :attr:`AFTERMATH_STEPS` ticks then measure its aftermath.
         """
         self.spent += seconds
         self.last_cost = seconds
+        # a new call closes the previous call's window (what was charged stays charged)
+        self._after_left = self.AFTERMATH_STEPS if now is not None else 0
+        self._after_sum = self._after_charged = 0.0
+        self._after_cap = 0.5 * seconds
+        self._typical = None
         if now is not None:
-            self._after_call = True
             self._last_tick = now
 
     def overhead(self, elapsed: float) -> float:

@@ -197,7 +197,7 @@ class CurvatureMonitor(Callback):
         overhead_budget: Cap on the callback's time as a fraction of the training time without
             it (``0.05``: at most 5 % slower); scheduled calls that would exceed it are postponed.
             The callback's time counts its calls, its per-step hooks and the slowdown of the
-            step right after each call (see :class:`~nncurv.callbacks.OverheadBudget`).
+            steps right after each call (see :class:`~nncurv.callbacks.OverheadBudget`).
         autocast: Run under the trainer's precision context instead of disabling autocast.
         prefix: Tag prefix.
         seed: Base seed of the probe vectors.
@@ -784,7 +784,7 @@ class CurvatureMonitor(Callback):
         _sync(dev)
         end = time.perf_counter()
         seconds = end - t0
-        # a call at a training step: the budget also measures the slower step after it
+        # a call at a training step: the budget also measures the slower steps after it
         self.budget.record(seconds, now=end if at_step else None)
         self._pending = False
         self._num_calls += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import warnings
 from typing import Any
 
@@ -472,6 +473,48 @@ def test_overhead_budget_counts_the_slower_step_after_a_call():
     c.record(1.0, now=2.0)
     c.tick(10.0)
     assert c.aftermath == 0.0 and c.spent == 1.0
+
+
+def test_overhead_budget_counts_the_steps_after_a_call_as_a_signed_sum():
+    b = OverheadBudget(0.05)
+    t = 0.0
+    for _ in range(20):
+        t += 1.0
+        b.tick(t)
+    b.record(8.0, now=t + 8.0)
+    t += 8.0
+    # the window: +0.5, +0.25, -0.125 (a faster step offsets the earlier excess), then typical
+    for extra in (0.5, 0.25, -0.125, 0.0, 0.0):
+        t += 1.0 + extra
+        b.tick(t)
+    assert b.aftermath == pytest.approx(0.625) and b.spent == pytest.approx(8.625)
+    # the running sum never charges less than zero: a fast first step charges nothing, and the
+    # slower step after it is charged only beyond what the fast one saved
+    c = OverheadBudget(0.05)
+    u = 0.0
+    for _ in range(20):
+        u += 1.0
+        c.tick(u)
+    c.record(8.0, now=u)
+    for interval, charged in ((0.75, 0.0), (1.5, 0.25), (1.0, 0.25)):
+        u += interval
+        c.tick(u)
+        assert c.aftermath == pytest.approx(charged)
+    # steps past the window are not the call's, and the window's steps did not enter the
+    # typical step (still 1 s: a 2 s step after the window is not an aftermath either)
+    for _ in range(OverheadBudget.AFTERMATH_STEPS - 3):
+        u += 1.0
+        c.tick(u)
+    u += 2.0
+    c.tick(u)
+    assert c.aftermath == pytest.approx(0.25)
+    assert statistics.median(c._intervals) == pytest.approx(1.0)
+    # a call without a training step (validation, fit end) closes the previous window
+    c.record(8.0, now=u)
+    c.record(1.0)
+    u += 5.0
+    c.tick(u)
+    assert c.aftermath == pytest.approx(0.25)
 
 
 def test_overhead_budget_spaces_calls_out(tmp_path):
