@@ -15,6 +15,8 @@ see the same machine conditions), and reports:
 
     python benchmarks/callback_overhead.py            # a few minutes on 2 cores
     python benchmarks/callback_overhead.py --quick    # a smoke run
+    python benchmarks/callback_overhead.py --budget-only --arch mlp --repeat 40
+        # only 3. (plain, plain, budget), with more rounds for a narrower interval
 """
 
 from __future__ import annotations
@@ -224,12 +226,18 @@ def main() -> None:
     p.add_argument("--arch", nargs="+", default=["mlp", "cnn"], choices=["mlp", "cnn"])
     p.add_argument("--out", type=Path, default=Path("outputs/callback_overhead"))
     p.add_argument("--quick", action="store_true")
+    p.add_argument(
+        "--budget-only", action="store_true", help="only the budget (3.), e.g. with more rounds"
+    )
     args = p.parse_args()
     if args.quick:
         args.steps, args.repeat = 100, 1
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.steps} steps per fit")
     for arch in args.arch:
+        if args.budget_only:
+            budget_only(arch, args)
+            continue
         root = args.out / arch
         times, cpu = interleaved(
             arch,
@@ -310,6 +318,36 @@ def main() -> None:
             f"{len(own)} calls; the difference to the wall-clock overhead is measurement noise "
             "and side effects on the training steps)"
         )
+
+
+def budget_only(arch: str, args: argparse.Namespace) -> None:
+    """The budget's wall-clock overhead alone: two plain arms and the budgeted one per round."""
+    own: list[float] = []  # the callback's own accounting at the end of each fit
+
+    class Budgeted(CurvatureMonitor):
+        def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+            super().on_train_end(trainer, pl_module)
+            own.append(self.budget.overhead(self._elapsed()))
+
+    def budgeted() -> CurvatureMonitor:
+        return Budgeted(
+            metrics=["top_eig", "trace", "gradient"], every_n_steps=1, overhead_budget=args.budget
+        )
+
+    make = {"plain": lambda: None, "plain (again)": lambda: None, "budget": budgeted}
+    times, cpu = interleaved(arch, args.steps, args.out / arch, make, args.repeat)
+    over = ratios(times, "budget")
+    noise = [a / b - 1 for a, b in zip(times["plain (again)"], times["plain"])]
+    med = statistics.median(over)
+    ok = "holds" if abs(med - args.budget) <= 0.01 else "MISSED"
+    print(
+        f"\n[{arch}] budget {args.budget:.0%} only, fit of {args.steps} steps, {args.repeat} "
+        f"interleaved rounds\n  wall clock {med:+.1%} ({interval_text(over)}; {ok}: median "
+        f"within 1 point of {args.budget:.0%}); process CPU time {paired(cpu, 'budget'):+.1%}\n"
+        f"  plain against plain: {statistics.median(noise):+.1%} ({interval_text(noise)})\n"
+        f"  the callback's own accounting: {min(own):.1%} to {max(own):.1%} "
+        f"(median {statistics.median(own):.1%})"
+    )
 
 
 if __name__ == "__main__":
