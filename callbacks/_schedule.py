@@ -84,7 +84,7 @@ class OverheadBudget:
     of each step's excess over the median of the recent steps without a call (a signed sum, so
     that the jitter of ordinary steps cancels; at least zero and at most half the call's own
     cost) is the callback's too. On the digits MLP the first step after a call is about 1 ms
-    slower and the next seven about 0.5 ms together. Lightning's dispatch of a hook happens
+    slower and the next seven 0.3-0.5 ms together. Lightning's dispatch of a hook happens
     outside it and cannot be measured from inside (about 3 us); the monitor follows the steps
     with a step hook on the optimizer, a plain function call, and Lightning dispatches its
     ``on_train_batch_end`` only around its calls.
