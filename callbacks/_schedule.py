@@ -129,9 +129,10 @@ class OverheadBudget:
         """Mark the end of a training step (``now``: ``time.perf_counter()``).
 
         The monitor ticks at the optimizer's step (or, without its step hook, at the end of
-        each batch). The :attr:`AFTERMATH_STEPS` steps after a call (see :meth:`record`) are
-        compared with the median of the recent steps without one, and the running sum of
-        their excess, clipped to ``[0, cost / 2]``, is the callback's time.
+        the batch that completes an optimizer step). The :attr:`AFTERMATH_STEPS` steps after a
+        call (see :meth:`record`) are compared with the median of the recent steps without
+        one, and the running sum of their excess, clipped to ``[0, cost / 2]``, is the
+        callback's time. After :meth:`pause` the next tick only marks the time.
         """
         last, self._last_tick = self._last_tick, now
         if last is None:
@@ -141,16 +142,27 @@ class OverheadBudget:
             self._intervals.append(interval)
             return
         self._after_left -= 1
-        if self._typical is None:  # the window's first step
+        if self._typical is None:  # the window's first step, left out of the typical steps
             if len(self._intervals) < 8:  # too few steps to know a typical one
                 self._after_left = 0
                 return
             self._typical = statistics.median(self._intervals)
+        else:  # the later ones keep the typical step current when calls come every few steps
+            self._intervals.append(interval)
         self._after_sum += interval - self._typical
         charge = min(max(0.0, self._after_sum), self._after_cap)
         extra, self._after_charged = charge - self._after_charged, charge
         self.spent += extra
         self.aftermath += extra
+
+    def pause(self) -> None:
+        """Forget the last tick: the next interval is not a training step's and is not measured.
+
+        Called at the start of fitting and of each epoch and before a validation run, so that
+        an epoch boundary, a validation loop or a checkpoint is neither a typical step nor a
+        call's aftermath.
+        """
+        self._last_tick = None
 
     def record(self, seconds: float, now: float | None = None) -> None:
         """Account for a call that took ``seconds``.

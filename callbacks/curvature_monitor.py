@@ -502,7 +502,12 @@ class CurvatureMonitor(Callback):
             self._show("on_train_batch_end")
 
     @override
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.budget.pause()  # (a validation run is no training step, nor a call's aftermath)
+
+    @override
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.budget.pause()  # (the epoch boundary: end-of-epoch hooks, checkpoints, the loader)
         # an optimizer replaced between epochs (e.g. strategy.setup_optimizers) gets the hook
         if self._step_hook is not None and (
             len(trainer.optimizers) != 1 or trainer.optimizers[0] is not self._armed_optimizer
@@ -633,6 +638,7 @@ class CurvatureMonitor(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._t0 = time.perf_counter()
+        self.budget.pause()  # (an instance fitted before: its last tick is not this fit's)
         self._arm(trainer)
 
     # ------------------------------------------------------------------ hooks
@@ -661,13 +667,13 @@ class CurvatureMonitor(Callback):
         # without the optimizer's step hook every step passes here: kept to a few
         # microseconds, and its time counts as the callback's in the overhead budget
         t0 = time.perf_counter()
-        if not self._armed:  # (armed: the step hook ticked the budget)
-            self.budget.tick(t0)
         if self.at_fit_end:
             self._last_batch = batch
         step = trainer.global_step
         if step <= self._last_step:
             return  # the same optimizer step (gradient accumulation) or already logged
+        if not self._armed and step > 0:  # once an optimizer step (armed: the step hook ticks)
+            self.budget.tick(t0)
         if self._is_due(step) or (self._num_calls == 0 and self._fast_dev_run):
             self._pending = True
         self._last_step = step

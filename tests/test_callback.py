@@ -500,21 +500,86 @@ def test_overhead_budget_counts_the_steps_after_a_call_as_a_signed_sum():
         u += interval
         c.tick(u)
         assert c.aftermath == pytest.approx(charged)
-    # steps past the window are not the call's, and the window's steps did not enter the
-    # typical step (still 1 s: a 2 s step after the window is not an aftermath either)
+    # steps past the window are not the call's (a 2 s step after it is not an aftermath)
     for _ in range(OverheadBudget.AFTERMATH_STEPS - 3):
         u += 1.0
         c.tick(u)
     u += 2.0
     c.tick(u)
     assert c.aftermath == pytest.approx(0.25)
-    assert statistics.median(c._intervals) == pytest.approx(1.0)
+    # the window's first step stays out of the typical steps, its later ones enter them (so
+    # that calls every few steps still follow a change of the step time)
+    later = [1.5, 1.0] + [1.0] * (OverheadBudget.AFTERMATH_STEPS - 3) + [2.0]
+    assert list(c._intervals)[-len(later) :] == pytest.approx(later)
+    assert 0.75 not in c._intervals
     # a call without a training step (validation, fit end) closes the previous window
     c.record(8.0, now=u)
     c.record(1.0)
     u += 5.0
     c.tick(u)
     assert c.aftermath == pytest.approx(0.25)
+
+
+def test_overhead_budget_follows_the_step_time_when_calls_come_every_few_steps():
+    # the step time doubles after 20 steps; calls every 5 steps have no aftermath at all
+    b = OverheadBudget(0.05)
+    t = 0.0
+    for i in range(200):
+        t += 1.0 if i < 20 else 2.0
+        b.tick(t)
+        if i >= 10 and i % 5 == 0:
+            b.record(4.0, now=t)
+    # only the first windows, before the median follows the new step time, are charged
+    assert b.aftermath <= 2.0 * 6
+    assert statistics.median(b._intervals) == pytest.approx(2.0)
+
+
+def test_overhead_budget_pause_leaves_a_pause_out():
+    b = OverheadBudget(0.05)
+    t = 0.0
+    for _ in range(20):
+        t += 1.0
+        b.tick(t)
+    b.record(4.0, now=t)
+    t += 1.5
+    b.tick(t)  # the first step after the call: 0.5 s slower
+    b.pause()  # a validation run (or an epoch boundary) of 30 s
+    t += 30.0
+    b.tick(t)  # only marks the time
+    assert b.aftermath == pytest.approx(0.5) and 30.0 not in b._intervals
+    t += 1.0
+    b.tick(t)  # the window goes on
+    assert b.aftermath == pytest.approx(0.5) and b._after_left == OverheadBudget.AFTERMATH_STEPS - 2
+
+
+def test_without_the_step_hook_the_budget_ticks_once_an_optimizer_step(tmp_path):
+    """Without the step hook (here: a custom ``should_compute``), ``on_train_batch_end`` runs
+    at every batch; under gradient accumulation the budget still measures optimizer steps, and
+    each epoch starts without a measured interval (the boundary is no step)."""
+    X, y = regression_data(64, 3)
+    ticks: list[int] = []
+
+    class Odd(CurvatureMonitor):
+        def should_compute(self, step: int) -> bool:
+            return step == 3
+
+    cb = Odd(metrics=["top_eig"], overhead_budget=0.5)
+    trainer = make_trainer(
+        tmp_path, [cb], max_epochs=2, accumulate_grad_batches=4, precision="64-true"
+    )
+    tick = cb.budget.tick
+
+    def spy(now: float) -> None:
+        ticks.append(trainer.global_step)
+        tick(now)
+
+    cb.budget.tick = spy  # type: ignore[method-assign]
+    trainer.fit(Regression(3, lr=0.01), loader(X, y, 4))  # 16 batches, 4 steps an epoch
+    assert trainer.global_step == 8
+    assert ticks == list(range(1, 9))  # once a step, not once a batch
+    # 2 epochs of 4 steps, the first tick of each only marks the time: 6 intervals (one of
+    # them the call's first step, kept out)
+    assert len(cb.budget._intervals) == 5
 
 
 def test_overhead_budget_spaces_calls_out(tmp_path):
