@@ -433,6 +433,14 @@ def test_next_scheduled_step(kind, p):
             assert [sched.next_after(s) for s in range(t - 4, t)] == [t] * 4, (level, t)
 
 
+def _steady_budget() -> tuple[OverheadBudget, float]:
+    """A 5 % budget that has seen twenty 1-second steps, and the time of the last one."""
+    b = OverheadBudget(0.05)
+    for t in range(1, 21):
+        b.tick(float(t))
+    return b, 20.0
+
+
 def test_overhead_budget_unit():
     b = OverheadBudget(0.1)
     assert b.allowed(0.0)  # unknown cost: allowed
@@ -476,11 +484,7 @@ def test_overhead_budget_counts_the_slower_step_after_a_call():
 
 
 def test_overhead_budget_counts_the_steps_after_a_call_as_a_signed_sum():
-    b = OverheadBudget(0.05)
-    t = 0.0
-    for _ in range(20):
-        t += 1.0
-        b.tick(t)
+    b, t = _steady_budget()
     b.record(8.0, now=t + 8.0)
     t += 8.0
     # the window: +0.5, +0.25, -0.125 (a faster step offsets the earlier excess), then typical
@@ -490,11 +494,7 @@ def test_overhead_budget_counts_the_steps_after_a_call_as_a_signed_sum():
     assert b.aftermath == pytest.approx(0.625) and b.spent == pytest.approx(8.625)
     # the running sum never charges less than zero: a fast first step charges nothing, and the
     # slower step after it is charged only beyond what the fast one saved
-    c = OverheadBudget(0.05)
-    u = 0.0
-    for _ in range(20):
-        u += 1.0
-        c.tick(u)
+    c, u = _steady_budget()
     c.record(8.0, now=u)
     for interval, charged in ((0.75, 0.0), (1.5, 0.25), (1.0, 0.25)):
         u += interval
@@ -535,11 +535,7 @@ def test_overhead_budget_follows_the_step_time_when_calls_come_every_few_steps()
 
 
 def test_overhead_budget_pause_leaves_a_pause_out():
-    b = OverheadBudget(0.05)
-    t = 0.0
-    for _ in range(20):
-        t += 1.0
-        b.tick(t)
+    b, t = _steady_budget()
     b.record(4.0, now=t)
     t += 1.5
     b.tick(t)  # the first step after the call: 0.5 s slower
