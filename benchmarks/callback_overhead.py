@@ -152,6 +152,11 @@ def ratios(times: dict[str, list[float]], key: str) -> list[float]:
     return [t / b - 1 for t, b in zip(times[key], base)]
 
 
+def plain_noise(times: dict[str, list[float]]) -> list[float]:
+    """Per round: the second plain arm's time over the first's, minus 1 (pure noise)."""
+    return [a / b - 1 for a, b in zip(times["plain (again)"], times["plain"])]
+
+
 def paired(times: dict[str, list[float]], key: str) -> float:
     """Median over the rounds of ``key``'s time over the round's plain time, minus 1.
 
@@ -260,7 +265,7 @@ def main() -> None:
         best = {k: min(v) for k, v in times.items()}  # contention only ever adds time
         # the two plain arms of a round differ only by noise: its typical size in one round
         # (median |difference|) and what is left of it in the median over the rounds
-        diffs = [a / b - 1 for a, b in zip(times["plain (again)"], times["plain"])]
+        diffs = plain_noise(times)
         noise, noise_round = statistics.median(diffs), statistics.median(map(abs, diffs))
         med["plain"] = statistics.median(times["plain"] + times["plain (again)"])
         best["plain"] = min(times["plain"] + times["plain (again)"])
@@ -337,7 +342,7 @@ def budget_only(arch: str, args: argparse.Namespace) -> None:
     make = {"plain": lambda: None, "plain (again)": lambda: None, "budget": budgeted}
     times, cpu = interleaved(arch, args.steps, args.out / arch, make, args.repeat)
     over = ratios(times, "budget")
-    noise = [a / b - 1 for a, b in zip(times["plain (again)"], times["plain"])]
+    noise = plain_noise(times)
     med = statistics.median(over)
     ok = "holds" if abs(med - args.budget) <= 0.01 else "MISSED"
     print(

@@ -114,7 +114,6 @@ class OverheadBudget:
         self._last_tick: float | None = None
         self._after_left = 0  # steps left in the current call's aftermath window
         self._after_sum = 0.0  # signed sum of their excess over the typical step
-        self._after_charged = 0.0  # the part of it charged so far
         self._after_cap = 0.0  # half the cost of the call that opened the window
         self._typical: float | None = None  # the typical step, taken at the window's start
 
@@ -149,11 +148,15 @@ class OverheadBudget:
             self._typical = statistics.median(self._intervals)
         else:  # the later ones keep the typical step current when calls come every few steps
             self._intervals.append(interval)
+        charged = self._window_charge()
         self._after_sum += interval - self._typical
-        charge = min(max(0.0, self._after_sum), self._after_cap)
-        extra, self._after_charged = charge - self._after_charged, charge
+        extra = self._window_charge() - charged
         self.spent += extra
         self.aftermath += extra
+
+    def _window_charge(self) -> float:
+        """What the current window charges: its signed sum, clipped to ``[0, cost / 2]``."""
+        return min(max(0.0, self._after_sum), self._after_cap)
 
     def pause(self) -> None:
         """Forget the last tick: the next interval is not a training step's and is not measured.
@@ -174,7 +177,7 @@ class OverheadBudget:
         self.last_cost = seconds
         # a new call closes the previous call's window (what was charged stays charged)
         self._after_left = self.AFTERMATH_STEPS if now is not None else 0
-        self._after_sum = self._after_charged = 0.0
+        self._after_sum = 0.0
         self._after_cap = 0.5 * seconds
         self._typical = None
         if now is not None:
