@@ -452,6 +452,28 @@ def test_overhead_budget_unit():
     assert OverheadBudget(None).allowed(0.0)
 
 
+def test_overhead_budget_charges_the_untimed_estimate_at_every_measured_step():
+    b = OverheadBudget(0.05)
+    b.STEP_CHARGE = 0.01  # (the instance's estimate: 1 % of these 1-second steps)
+    for t in range(101):  # 100 measured steps (the first tick only marks the time)
+        b.tick(float(t))
+    assert b.untimed == pytest.approx(1.0) and b.spent == pytest.approx(1.0)
+    assert b.overhead(100.0) == pytest.approx(1.0 / 99.0)
+    # it counts against the cap: after a 4 s call, the next one is allowed later than it would
+    # be without the estimate (8 s within 5 % of 160 s; 9 s of 180 s)
+    b.record(4.0)
+    c = OverheadBudget(0.05)
+    c.record(4.0)
+    assert c.allowed(170.0) and not b.allowed(170.0) and b.allowed(185.0)
+    b.pause()  # a pause is no step: nothing charged for it
+    b.tick(200.0)
+    assert b.untimed == pytest.approx(1.0)
+    b.tick(201.0)
+    assert b.untimed == pytest.approx(1.01)
+    # the default estimate is a few microseconds: negligible against steps of milliseconds
+    assert 0 < OverheadBudget.STEP_CHARGE <= 50e-6
+
+
 def test_overhead_budget_counts_the_slower_step_after_a_call():
     b = OverheadBudget(0.05)
     t = 0.0
@@ -463,9 +485,9 @@ def test_overhead_budget_counts_the_slower_step_after_a_call():
     b.record(4.0, now=t + 4.0)  # a call at a training step
     t += 4.0
     b.tick(t + 1.3)  # the step after it: 0.3 s slower than the median step
-    assert b.spent == pytest.approx(4.3) and b.aftermath == pytest.approx(0.3)
+    assert b.spent - b.untimed == pytest.approx(4.3) and b.aftermath == pytest.approx(0.3)
     b.tick(t + 2.3)  # later steps are not the call's
-    assert b.spent == pytest.approx(4.3)
+    assert b.spent - b.untimed == pytest.approx(4.3)
     # capped at half the call's cost (an interval spanning e.g. a validation loop)
     b.record(2.0, now=t + 3.0)
     b.tick(t + 100.0)
@@ -480,7 +502,7 @@ def test_overhead_budget_counts_the_slower_step_after_a_call():
     c.tick(1.0)
     c.record(1.0, now=2.0)
     c.tick(10.0)
-    assert c.aftermath == 0.0 and c.spent == 1.0
+    assert c.aftermath == 0.0 and c.spent - c.untimed == pytest.approx(1.0)
 
 
 def test_overhead_budget_counts_the_steps_after_a_call_as_a_signed_sum():
@@ -491,7 +513,7 @@ def test_overhead_budget_counts_the_steps_after_a_call_as_a_signed_sum():
     for extra in (0.5, 0.25, -0.125, 0.0, 0.0):
         t += 1.0 + extra
         b.tick(t)
-    assert b.aftermath == pytest.approx(0.625) and b.spent == pytest.approx(8.625)
+    assert b.aftermath == pytest.approx(0.625) and b.spent - b.untimed == pytest.approx(8.625)
     # the running sum never charges less than zero: a fast first step charges nothing, and the
     # slower step after it is charged only beyond what the fast one saved
     c, u = _steady_budget()
