@@ -305,7 +305,7 @@ def main() -> None:
             f"  default CurvatureMonitor()    {med['default']:.3f} s   overhead {over_d[0]:+.1%} / "
             f"{over_d[1]:+.1%} ({interval_text(ratios(times, 'default'))}), "
             f"{1000 * calls / args.steps:.0f} records per 1000 steps; its own accounting (calls, "
-            f"per-step hooks, slower steps after calls): {default_own:.1%}"
+            f"per-step hooks, slower steps after calls, per-step estimate): {default_own:.1%}"
         )
         over_b = over["budget"]
         ok = "holds" if abs(over_b[0] - args.budget) <= 0.01 else "MISSED"
@@ -320,8 +320,9 @@ def main() -> None:
         )
         print(
             f"    (the callback's own accounting: {own[-1]:.1%} of the rest of training after "
-            f"{len(own)} calls; the difference to the wall-clock overhead is measurement noise "
-            "and side effects on the training steps)"
+            f"{len(own)} calls, with OverheadBudget.STEP_CHARGE a step for what it cannot time; "
+            "the difference to the wall-clock overhead is measurement noise and the error of "
+            "that estimate)"
         )
 
 

@@ -90,12 +90,17 @@ class OverheadBudget:
     ``on_train_batch_end`` only around its calls.
 
     What it cannot time at all is charged as an estimate: :attr:`STEP_CHARGE` seconds at every
-    step (Lightning's dispatch around the monitor's hooks, the step hook's own call, the slow
-    decay of a call's effect on the caches past the window). On a 2-core CPU, the budgeted
-    digits MLP's and CNN's wall clocks ended a median 10 us a step above the timed cost
-    (``benchmarks/callback_overhead.py``), and a monitor that never computes slowed their steps
-    by 7-20 us. The estimate is kept apart in :attr:`untimed`; on an accelerator, where steps
-    take milliseconds, it is negligible.
+    measured step, i.e. every optimizer step but the first after a pause (with several
+    optimizers stepping in one batch: every batch). It stands for Lightning's dispatch around
+    the monitor's hooks and the slow decay of a call's effect on the caches past the window.
+    On a 2-core CPU, the wall clock of the budgeted digits MLP (1.1 ms steps) ended a median
+    of 10 us a step above the timed cost, that of the CNN (2.3 ms steps) about 7 us
+    (``benchmarks/callback_overhead.py``; single runs scatter from -16 to +25 us), and the
+    MLP's steps beyond a call's window stayed 4-13 us slower than a plain fit's. The estimate
+    is kept apart in :attr:`untimed`. It is 0.9 % of the MLP's step and a few hundredths of a
+    percent of a 30 ms step; a budget below ``STEP_CHARGE`` over the step time leaves no room
+    for calls (the budget's warning then says so). Set it on the class or the instance to
+    measure it differently.
 
     Example:
         >>> b = OverheadBudget(0.1)
@@ -123,9 +128,10 @@ class OverheadBudget:
         self.last_cost: float | None = None
         self.skipped = 0
         self.aftermath = 0.0  # part of `spent`: slower steps right after calls
-        self.untimed = 0.0  # part of `spent`: STEP_CHARGE per measured step
+        self.untimed = 0.0  # STEP_CHARGE per measured step (in `spent`; not checkpointed)
         self._intervals: deque[float] = deque(maxlen=64)  # recent steps without a call
         self._last_tick: float | None = None
+        self._last_interval: float | None = None
         self._after_left = 0  # steps left in the current call's aftermath window
         self._after_sum = 0.0  # signed sum of their excess over the typical step
         self._after_cap = 0.0  # half the cost of the call that opened the window
@@ -151,7 +157,7 @@ class OverheadBudget:
         last, self._last_tick = self._last_tick, now
         if last is None:
             return
-        interval = now - last
+        interval = self._last_interval = now - last
         self.spent += self.STEP_CHARGE
         self.untimed += self.STEP_CHARGE
         if not self._after_left:
@@ -170,6 +176,15 @@ class OverheadBudget:
         extra = self._window_charge() - charged
         self.spent += extra
         self.aftermath += extra
+
+    def estimate_share(self) -> float | None:
+        """The share of a step that :attr:`STEP_CHARGE` charges (``None`` before any step).
+
+        The step is the median recent one, or the last one measured while no typical one is
+        known yet.
+        """
+        step = statistics.median(self._intervals) if self._intervals else self._last_interval
+        return self.STEP_CHARGE / step if step else None
 
     def _window_charge(self) -> float:
         """What the current window charges: its signed sum, clipped to ``[0, cost / 2]``."""

@@ -196,8 +196,9 @@ class CurvatureMonitor(Callback):
             ``trainer.validate()``), on the first validation batch, under ``prefix + "val/"``.
         overhead_budget: Cap on the callback's time as a fraction of the training time without
             it (``0.05``: at most 5 % slower); scheduled calls that would exceed it are postponed.
-            The callback's time counts its calls, its per-step hooks and the slowdown of the
-            steps right after each call (see :class:`~nncurv.callbacks.OverheadBudget`).
+            The callback's time counts its calls, its per-step hooks, the slowdown of the
+            steps right after each call and a per-step estimate of what it cannot time (see
+            :class:`~nncurv.callbacks.OverheadBudget`).
         autocast: Run under the trainer's precision context instead of disabling autocast.
         prefix: Tag prefix.
         seed: Base seed of the probe vectors.
@@ -559,11 +560,20 @@ class CurvatureMonitor(Callback):
     def _postpone(self) -> None:
         self.budget.skipped += 1
         if "budget" not in self._warned:
+            b = self.budget
+            share = b.estimate_share()
+            untimed = (
+                f"; of the budget, the estimate of what the callback costs outside its timers "
+                f"(OverheadBudget.STEP_CHARGE = {b.STEP_CHARGE:.3g} s a step) takes {share:.2%} "
+                "at this step time"
+                if b.fraction is not None and share is not None and share >= 0.25 * b.fraction
+                else ""
+            )
             self._warn_once(
                 "budget",
-                f"CurvatureMonitor: a call costs {self.budget.last_cost:.3g} s, more than "
-                f"the overhead budget of {self.budget.fraction:.1%} allows at this "
-                "schedule; calls are spaced out to stay within it",
+                f"CurvatureMonitor: a call costs {b.last_cost:.3g} s, more than the overhead "
+                f"budget of {b.fraction:.1%} allows at this schedule; calls are spaced out to "
+                f"stay within it{untimed}",
             )
 
     @override

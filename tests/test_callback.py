@@ -263,6 +263,9 @@ def test_the_step_hook_follows_the_schedule_through_skipped_and_accumulated_step
     # step hook of 10 shows it); with two micro-batches a step, also at the first ones of 5
     # and 15 and at the very first, before the step hook has seen a step
     assert len(durations[pre + "on_train_batch_end"]) == {1: 5, 2: 8}[accumulate]
+    # the budget's per-step estimate: once for each of the 12 optimizer steps that ran but the
+    # first, whose tick only marks the time (never twice: hook and batch end both seen)
+    assert cb.budget.untimed == pytest.approx(11 * OverheadBudget.STEP_CHARGE)
     assert cb._step_hook is None and not trainer.optimizers[0]._optimizer_step_post_hooks
     assert "on_train_batch_end" not in cb.__dict__  # callable by hand again
 
@@ -615,11 +618,28 @@ def test_overhead_budget_spaces_calls_out(tmp_path):
 
     cb = CurvatureMonitor(metrics=[Slow()], every_n_steps=1, overhead_budget=0.05)
     trainer = make_trainer(tmp_path, [cb], logger=spy, max_steps=30, precision="64-true")
-    with pytest.warns(UserWarning, match="overhead budget"):
+    with pytest.warns(UserWarning, match="overhead budget") as rec:
         trainer.fit(Regression(3, lr=0.01), loader(X, y, 2))
+    assert not any("STEP_CHARGE" in str(w.message) for w in rec)  # the calls took the budget
     steps = spy.curvature_steps(P + "slow/x")
     assert 1 <= len(steps) < 10, steps
     assert cb.budget.skipped == 30 - len(steps)  # each step without a call, refused once
+
+
+def test_a_budget_the_untimed_estimate_fills_says_so(tmp_path):
+    """A budget smaller than the per-step estimate over the step time leaves no room for
+    calls: the warning names the estimate and its share, not only the call's cost."""
+    X, y = regression_data(64, 3)
+    spy = SpyLogger(str(tmp_path))
+    cb = CurvatureMonitor(metrics=["top_eig"], every_n_steps=1, overhead_budget=0.05)
+    cb.budget.STEP_CHARGE = 10.0  # (far above a step here: the estimate takes it all)
+    trainer = make_trainer(tmp_path, [cb], logger=spy, max_steps=10, precision="64-true")
+    with pytest.warns(UserWarning, match=r"STEP_CHARGE = 10 s a step\) takes [0-9.]+%") as rec:
+        trainer.fit(Regression(3, lr=0.01), loader(X, y, 2))
+    assert spy.curvature_steps() == [1]  # the first call (of unknown cost), then none
+    assert cb.budget.untimed == pytest.approx(10.0 * 9)
+    # said once
+    assert sum("overhead budget" in str(w.message) for w in rec) == 1
 
 
 # --------------------------------------------------------------------------- loggers, errors
