@@ -3,10 +3,11 @@
 The same ``trainer.fit`` runs with and without the callback, interleaved (round-robin, so both
 see the same machine conditions), and reports:
 
-1. per metric: its cost per call (the callback's own timer, warm calls only) in units of one
-   training step (the wall time of a step of the plain fit, Lightning's per-step work included),
-   and the Hessian-vector products it spent; each metric alone, and the trace also after the
-   top eigenvalue as in the default pair (where it deflates their Krylov basis);
+1. per metric: its cost per call (the callback's own timer, the median over the warm calls of
+   a fit as long as the timed ones, every 50 steps; also over the first 600 steps alone) in
+   units of one training step (the mean step of the same fit, Lightning's per-step work
+   included), and the Hessian-vector products it spent; each metric alone, and the trace also
+   after the top eigenvalue as in the default pair (where it deflates their Krylov basis);
 2. with the default settings (top eigenvalue + trace every 200 steps): the total overhead
    (the median over the rounds of the fit time with / without - 1; rounds alternate their
    order) and the curvature records per 1000 steps;
@@ -192,20 +193,25 @@ def interval_text(values: list[float]) -> str:
     return f"95% interval of the median {interval[0]:+.1%} to {interval[1]:+.1%}"
 
 
-def per_metric(arch: str, root: Path, step_time: float, every: int, steps: int) -> None:
+def per_metric(
+    arch: str, root: Path, step_time: float, every: int, steps: int, early: int = 600
+) -> None:
     """Each metric's cost per warm call, in training steps of the same fit.
 
     The unit is the mean step of the fit that made the calls, leaving out the steps with a call
     and the step right after one: measured at the same time as the calls, it follows the
     machine's speed, which drifts by several percent on a shared machine between the plain
     fits above and these. (It includes the monitor's per-step hook, about 0.5 % of a step.)
+    The medians are over every warm call of a fit of ``steps`` steps (the length of the timed
+    fits); the last column takes only the calls of the first ``early`` steps, where the
+    Hessian changes fastest and warm starts save least.
     """
     print(
-        f"\n[{arch}] cost per call, warm calls, in steps of the same fit (plain fits above: "
-        f"1 training step = {1e3 * step_time:.2f} ms)"
+        f"\n[{arch}] cost per call, warm calls of a {steps}-step fit, in steps of the same fit "
+        f"(plain fits above: 1 training step = {1e3 * step_time:.2f} ms)"
     )
     head = f"{'metric':<22}{'ms / call':>11}{'steps / call':>14}{'HVPs / call':>13}"
-    print(f"{head}{'step (ms)':>11}")
+    print(f"{head}{'step (ms)':>11}{f'steps / call, first {early}':>28}")
     runs: list[tuple[str, str, list[str]]] = [(n, n, [n]) for n in METRICS]
     # in the default pair the trace deflates the top eigenvalues' Krylov basis
     runs.insert(2, ("trace (default pair)", "trace", ["top_eig", "trace"]))
@@ -217,9 +223,15 @@ def per_metric(arch: str, root: Path, step_time: float, every: int, steps: int) 
         secs = [m[f"curvature/cost/{name}/seconds"] for _, m in recs[1:]]
         mvs = [m[f"curvature/cost/{name}/matvecs"] for _, m in recs[1:]]
         sec, mv = statistics.median(secs), statistics.median(mvs)
+        first = statistics.median(
+            m[f"curvature/cost/{name}/seconds"] for st, m in recs[1:] if (st or 0) <= early
+        )
         called = {st for st, _ in recs if st is not None}
         unit = clock.mean_step(called | {st + 1 for st in called})
-        print(f"{label:<22}{1e3 * sec:>11.2f}{sec / unit:>14.2f}{mv:>13.0f}{1e3 * unit:>11.2f}")
+        print(
+            f"{label:<22}{1e3 * sec:>11.2f}{sec / unit:>14.2f}{mv:>13.0f}{1e3 * unit:>11.2f}"
+            f"{first / unit:>28.2f}"
+        )
 
 
 def main() -> None:
@@ -284,7 +296,7 @@ def main() -> None:
         own = [
             m["curvature/cost/overhead"] for _, m in mem.records if "curvature/cost/overhead" in m
         ]
-        per_metric(arch, root, step_time, every=50, steps=min(args.steps, 600))
+        per_metric(arch, root, step_time, every=50, steps=args.steps, early=min(args.steps, 600))
         print(
             f"\n[{arch}] fit of {args.steps} steps, {args.repeat} interleaved repetitions "
             "(overhead: median of the per-round ratios / ratio of the minima)"
