@@ -93,14 +93,15 @@ class OverheadBudget:
     measured step, i.e. every optimizer step but the first after a pause (with several
     optimizers stepping in one batch: every batch). It stands for Lightning's dispatch around
     the monitor's hooks and the slow decay of a call's effect on the caches past the window.
-    On a 2-core CPU, the wall clock of the budgeted digits MLP (1.1 ms steps) ended a median
-    of 10 us a step above the timed cost, that of the CNN (2.3 ms steps) about 7 us
-    (``benchmarks/callback_overhead.py``; single runs scatter from -16 to +25 us), and the
-    MLP's steps beyond a call's window stayed 4-13 us slower than a plain fit's. The estimate
-    is kept apart in :attr:`untimed`. It is 0.9 % of the MLP's step and a few hundredths of a
-    percent of a 30 ms step; a budget below ``STEP_CHARGE`` over the step time leaves no room
-    for calls (the budget's warning then says so). Set it on the class or the instance to
-    measure it differently.
+    On a 2-core CPU, before this estimate, the wall clock of the budgeted digits MLP (1.1 ms
+    steps) ended a median of 10 us a step above the timed cost, that of the CNN (2.3 ms steps)
+    about 7 us (``benchmarks/callback_overhead.py``; single runs scatter from -16 to +25 us),
+    and the MLP's steps beyond a call's window stayed 4-13 us slower than a plain fit's. With
+    it, the wall clock ended 0-10 us a step below the accounting on the MLP and a mean of
+    about 15 us above it on the CNN. The estimate is kept apart in :attr:`untimed`. It is
+    0.9 % of the MLP's step and a few hundredths of a percent of a 30 ms step; a budget below
+    ``STEP_CHARGE`` over the step time leaves no room for calls (the budget's warning then
+    says so). Set it on the class or the instance to measure it differently.
 
     Example:
         >>> b = OverheadBudget(0.1)
